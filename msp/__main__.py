@@ -1,0 +1,3 @@
+from msp.cli import main
+
+main()

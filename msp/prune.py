@@ -1,0 +1,98 @@
+"""``prune_(model, pruner, allocation, calibration)``: the verb that prunes a model in place.
+
+Data flow: allocation (per-layer sparsity) + pattern → pruner, block by block through
+:func:`msp.pipeline.sequential_pass`, which propagates each pruned block's outputs to the next.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from msp.allocation import Allocation
+from msp.masks import Pattern, PatternError, sparsity_of
+from msp.models import prunable_layers
+from msp.pipeline import sequential_pass
+from msp.pruners import Pruner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    params: int
+    target: float
+    measured: float
+    pattern: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def check_pattern_fits(model: nn.Module, pattern: Pattern) -> None:
+    """Fail before any heavy work if an N:M pattern does not divide some layer."""
+    for name, lin in prunable_layers(model).items():
+        pattern.check_divides(name, lin.in_features)
+
+
+@torch.no_grad()
+def prune_(
+    model: nn.Module,
+    pruner: Pruner,
+    allocation: Allocation,
+    calibration_ids: torch.Tensor | None,
+    device: torch.device,
+    pattern: Pattern | str = "unstructured",
+    batch_size: int = 4,
+    store_device: torch.device | None = None,
+) -> list[LayerReport]:
+    """Prune every decoder Linear layer of ``model`` in place to ``allocation[name]`` with ``pruner``.
+
+    ``calibration_ids``: (nsamples, seqlen) token windows; may be None for pruners that need no data.
+    Returns one :class:`LayerReport` per layer with the measured sparsity.
+    """
+    pattern = Pattern.parse(pattern)
+    check_pattern_fits(model, pattern)
+    layers = prunable_layers(model)
+    missing = [n for n in layers if n not in allocation.sparsities]
+    if missing:
+        raise ValueError(f"allocation has no sparsity for {len(missing)} layer(s), e.g. {missing[0]}")
+    reports: list[LayerReport] = []
+
+    def on_block(index, prefix, block, linears, stats):
+        for local, lin in linears.items():
+            name = f"{prefix}.{index}.{local}"
+            target = allocation[name]
+            layer_pattern = pattern.for_layer(target)
+            new_weight = pruner.prune_weight(lin.weight.data, stats.get(local), target, layer_pattern)
+            lin.weight.data.copy_(new_weight)
+            reports.append(LayerReport(name, lin.weight.numel(), target, sparsity_of(lin.weight.data), str(layer_pattern)))
+        return True
+
+    needs_data = pruner.needs_calibration
+    if needs_data and (calibration_ids is None or calibration_ids.numel() == 0):
+        raise ValueError(f"pruner {pruner.name} needs calibration data but none was given (data.nsamples >= 1)")
+    sequential_pass(
+        model,
+        calibration_ids if needs_data else torch.empty(0, 1, dtype=torch.long),
+        device,
+        on_block,
+        collect_stats=needs_data,
+        need_hessian=pruner.needs_hessian,
+        propagate=needs_data,
+        batch_size=batch_size,
+        store_device=store_device,
+        desc=f"pruning ({pruner.name})",
+    )
+    return reports
+
+
+def weighted_sparsity(reports: list[LayerReport]) -> float:
+    total = sum(r.params for r in reports)
+    return sum(r.measured * r.params for r in reports) / total if total else 0.0
+
+
+__all__ = ["prune_", "LayerReport", "weighted_sparsity", "check_pattern_fits", "PatternError"]
