@@ -28,6 +28,50 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def cuda_initialized() -> bool:
+    """Whether this process has created a CUDA context (``import msp`` must not)."""
+    return bool(torch.cuda.is_initialized())
+
+
+def is_gpu(device: torch.device | str) -> bool:
+    """True for a CUDA device; the rest of msp asks this instead of comparing device strings."""
+    return torch.device(device).type == "cuda"
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Native bfloat16 on ``device``: always on CPU; on a GPU only where the hardware has it (Ampere and
+    newer). Emulated bf16 on older GPUs is not counted: it is slower than float16 and gives no benefit."""
+    if not is_gpu(device):
+        return True
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.3 has no including_emulation argument
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable name of the device (the GPU's marketing name, or ``cpu``)."""
+    return torch.cuda.get_device_name(device) if is_gpu(device) else "cpu"
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Free memory on a GPU right now (bytes); None on CPU, whose memory msp does not budget by default."""
+    if not is_gpu(device):
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers (whatever device they are on)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` → first GPU if there is one, else CPU; ``cpu``; ``cuda`` / ``cuda:N``."""
     name = str(name).strip().lower()
@@ -52,56 +96,114 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto`` → float32 on CPU, bfloat16 on GPUs that support it (else float16)."""
     name = str(name).strip().lower()
     if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if is_gpu(device):
+            return torch.bfloat16 if bf16_supported(device) else torch.float16
         return torch.float32
     if name not in _DTYPES:
         raise DeviceError(f"unknown dtype {name!r}; valid: auto, {', '.join(_DTYPES)}")
     dtype = _DTYPES[name]
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise DeviceError(f"dtype=bfloat16 is not supported by {torch.cuda.get_device_name(device)}; use dtype=float16")
+    if is_gpu(device) and dtype == torch.bfloat16 and not bf16_supported(device):
+        raise DeviceError(
+            f"dtype=bfloat16 is not supported natively by {device_name(device)} (needs compute capability 8.0+); "
+            "use dtype=float16 or dtype=auto"
+        )
     if device.type == "cpu" and dtype == torch.float16:
         log.warning("float16 on CPU is slow and inaccurate; float32 is recommended (dtype=float32)")
     return dtype
 
 
 def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
+    if is_gpu(device):
         torch.cuda.synchronize(device)
 
 
 def empty_cache(device: torch.device) -> None:
-    if device.type == "cuda":
+    if is_gpu(device):
         torch.cuda.empty_cache()
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
+    if is_gpu(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_gpu_memory(device: torch.device) -> int:
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
+    return int(torch.cuda.max_memory_allocated(device)) if is_gpu(device) else 0
+
+
+_PROC_STATUS = "/proc/self/status"
+_PROC_CLEAR_REFS = "/proc/self/clear_refs"
+_process_peak_rss = 0  # the lifetime peak, kept across resets of the kernel's high-water mark
+
+
+def _vm_hwm_bytes() -> int | None:
+    """The kernel's RSS high-water mark of this process (Linux ``VmHWM``), or None where unavailable."""
+    try:
+        with open(_PROC_STATUS) as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (bytes)."""
+    """Peak resident set size of this process since it started (bytes), across stage resets."""
+    global _process_peak_rss
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+    rss = int(rss if sys.platform == "darwin" else rss * 1024)
+    _process_peak_rss = max(_process_peak_rss, rss, _vm_hwm_bytes() or 0)
+    return _process_peak_rss
+
+
+def reset_peak_rss() -> bool:
+    """Restart the RSS high-water mark so the next reading is the peak of what follows (Linux:
+    ``echo 5 > /proc/self/clear_refs``). Returns False where this is impossible; readings are then the
+    process's peak so far. The lifetime peak is folded into :func:`peak_rss_bytes` first."""
+    peak_rss_bytes()
+    try:
+        with open(_PROC_CLEAR_REFS, "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return _vm_hwm_bytes() is not None
+
+
+def _rss_since_reset() -> int:
+    hwm = _vm_hwm_bytes()
+    return hwm if hwm is not None else peak_rss_bytes()
 
 
 @dataclass
 class StageMeter:
-    """Wall time and peak memory of each named stage of a run."""
+    """Wall time and peak memory of each named stage of a run.
+
+    ``peak_memory[stage] = {"cpu_rss": bytes, "gpu": bytes}``: the largest resident set of the process and
+    the largest GPU allocation *during that stage* (stages may nest; an outer stage's peak includes its inner
+    stages'; a stage entered twice keeps the larger peak and the summed time). Where the RSS high-water mark
+    cannot be reset (not Linux), ``cpu_rss`` is the process's peak up to the end of the stage.
+    """
 
     device: torch.device
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory: dict[str, dict[str, int]] = field(default_factory=dict)
+    _open: list[list[int]] = field(default_factory=list, repr=False)  # running [cpu, gpu] peak of open stages
+
+    def _fold_open(self) -> None:
+        """Before the counters are reset, credit their current peaks to every stage still open."""
+        cpu, gpu = _rss_since_reset(), peak_gpu_memory(self.device)
+        for running in self._open:
+            running[0], running[1] = max(running[0], cpu), max(running[1], gpu)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         synchronize(self.device)
+        self._fold_open()
+        reset_peak_rss()
         reset_peak_memory(self.device)
+        running = [0, 0]
+        self._open.append(running)
         start = time.perf_counter()
         log.info("stage %s: start", name)
         try:
@@ -109,9 +211,15 @@ class StageMeter:
         finally:
             synchronize(self.device)
             elapsed = time.perf_counter() - start
+            self._open.pop()
+            cpu = max(running[0], _rss_since_reset())
+            gpu = max(running[1], peak_gpu_memory(self.device))
+            for outer in self._open:
+                outer[0], outer[1] = max(outer[0], cpu), max(outer[1], gpu)
             self.timings[name] = self.timings.get(name, 0.0) + elapsed
-            self.peak_memory[name] = {"cpu_rss": peak_rss_bytes(), "gpu": peak_gpu_memory(self.device)}
-            log.info("stage %s: %.1f s", name, elapsed)
+            old = self.peak_memory.get(name, {"cpu_rss": 0, "gpu": 0})
+            self.peak_memory[name] = {"cpu_rss": max(old["cpu_rss"], cpu), "gpu": max(old["gpu"], gpu)}
+            log.info("stage %s: %.1f s, peak RSS %.2f GiB, peak GPU %.2f GiB", name, elapsed, cpu / 2**30, gpu / 2**30)
 
     @property
     def peak_bytes(self) -> int:
