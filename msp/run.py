@@ -74,9 +74,17 @@ def validate_early(spec: RunSpec) -> None:
             raise ConfigError(f"unknown dataset {src!r}; valid: {', '.join(data_mod.SOURCES)}")
     if int(spec.batch_size) < 1:
         raise ConfigError(f"batch_size={spec.batch_size}: need at least 1")
+    from msp.allocation.build import check_allocation_options
+
+    check_allocation_options(dict(spec.allocation), spec.sparsity, spec.pattern)  # bounds, N:M grid, allocation file
     if spec.model in (EMBEDDED_SMOLLM2, *TINY_MODELS):
         max_len = 8192 if spec.model == EMBEDDED_SMOLLM2 else 512
         data_mod.check_seqlen(int(d["seqlen"]), max_len)
+    resolve_dtype(spec.dtype, resolve_device(spec.device))  # device=cuda without a GPU, bf16 on an old GPU: fail now
+    if spec.zeroshot and spec.zeroshot.get("tasks"):
+        from msp.eval.zeroshot import check_tasks
+
+        check_tasks(list(spec.zeroshot["tasks"]), spec.zeroshot.get("include_path"))  # a typo fails before pruning
 
 
 def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
@@ -150,7 +158,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         "pruner_config": spec.pruner_config,
         "pattern": str(spec.pattern),
         "allocation": allocation.method,
-        "target_sparsity": spec.sparsity,
+        "target_sparsity": allocation.target,  # the file's target for allocation=file
         "sparsity": measured,
         "dense_ppl": dense_ppl,
         "ppl": ppl,
@@ -169,14 +177,14 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         "cache": {"hits": cache.hits, "misses": cache.misses},
         "experiment": spec.experiment,
     }
-    for key in ("search", "sensitivity_method"):
+    for key in ("search", "sensitivity_method", "sensitivity_seconds"):
         if key in ctx.extras:
             results[key] = ctx.extras[key]
     if spec.zeroshot and spec.zeroshot.get("tasks"):
         from msp.eval.zeroshot import run_zeroshot  # lazy: lm-eval is heavy
 
         with meter.stage("zeroshot"):
-            results["zeroshot"] = run_zeroshot(model, loaded.tokenizer, spec.zeroshot, device)
+            results.update(run_zeroshot(model, loaded.tokenizer, spec.zeroshot, device))  # zeroshot, zeroshot_source
         results["timings"] = meter.timings
     if spec.save_model:
         with meter.stage("save_model"):
