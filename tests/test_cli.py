@@ -1,0 +1,85 @@
+"""The `msp` command end to end (subprocess), and its one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def msp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "msp", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_tiny_llama_writes_valid_results(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = msp("model=tiny-llama", "data=tiny", "pruner=sparsegpt", "sparsity=0.6", "save_model=true",
+               f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((run_dir / "results.json").read_text())
+    for key in ("model", "pruner", "pattern", "target_sparsity", "sparsity", "dense_ppl", "ppl", "layers", "timings", "peak_memory_bytes"):
+        assert key in res, key
+    assert res["model"] == "tiny-llama" and res["pruner"] == "sparsegpt" and res["pattern"] == "unstructured"
+    assert abs(res["sparsity"] - 0.6) < 0.01
+    assert math.isfinite(res["ppl"]["wiki"]) and math.isfinite(res["dense_ppl"]["wiki"])
+    assert len(res["layers"]) == 14 and all({"name", "params", "target", "measured"} <= set(l) for l in res["layers"])
+    assert res["peak_memory_bytes"] > 0 and res["timings"]["prune"] >= 0
+    assert (run_dir / "allocation.json").exists() and (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / "model" / "model.safetensors").exists()
+    assert "pruned ppl" in proc.stdout and "results:" in proc.stdout
+    # the saved model really holds the zeros
+    from safetensors.torch import load_file
+
+    tensors = load_file(run_dir / "model" / "model.safetensors")
+    q = tensors["model.layers.0.self_attn.q_proj.weight"]
+    assert abs(float((q == 0).float().mean()) - 0.6) < 0.02
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sparsity=1.2"], "outside [0, 1)"),
+        (["pattern=4:4"], "need 0 < N < M"),
+        (["pattern=2:5"], "not a multiple of M=5"),
+        (["data.seqlen=4096"], "longer than the model's context"),
+        (["data.nsamples=0"], "at least 1 calibration window"),
+        (["model=hf", "model.name=/no/such/model"], "does not exist"),
+        (["device=cuda"], "no CUDA GPU"),
+        (["pruner.saliency=foo", "pruner=sparsegpt"], "valid: obs, isc"),
+    ],
+)
+def test_bad_input_fails_with_one_clear_line_and_no_results(tmp_path, args, message):
+    import torch
+
+    if args == ["device=cuda"] and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    run_dir = tmp_path / "run"
+    proc = msp("model=tiny-llama", "data=tiny", *args, f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'c'}", cwd=tmp_path)
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("msp: error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert not (run_dir / "results.json").exists()
+
+
+def test_unknown_group_option_lists_valid_choices(tmp_path):
+    proc = msp("pruner=foo", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Could not find 'pruner/foo'" in proc.stderr and "sparsegpt" in proc.stderr and "wanda" in proc.stderr
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_short_run_has_sane_perplexity(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = msp("data.nsamples=2", "data.seqlen=256", "data.eval_windows=3", "pruner=wanda",
+               f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((run_dir / "results.json").read_text())
+    assert len(res["layers"]) == 30 * 7
+    assert 5 < res["dense_ppl"]["wiki"] < 60, res["dense_ppl"]
+    assert math.isfinite(res["ppl"]["wiki"]) and res["ppl"]["wiki"] > res["dense_ppl"]["wiki"]
+    assert abs(res["sparsity"] - 0.5) < 1e-3
