@@ -19,6 +19,7 @@ def spec_from_config(cfg: DictConfig):
     """Turn the composed config into a validated :class:`msp.run.RunSpec` (no weights loaded)."""
     from msp.masks import Pattern, PatternError
     from msp.run import ConfigError, RunSpec
+    from msp.sweep import config_hash_of
 
     try:
         pattern = Pattern.parse(str(cfg.pattern))
@@ -53,6 +54,7 @@ def spec_from_config(cfg: DictConfig):
         use_cache=bool(cfg.use_cache),
         zeroshot=container(cfg.get("zeroshot")),
         experiment=str(cfg.get("experiment", "default")),
+        config_hash=config_hash_of(cfg),
     )
 
 
@@ -67,6 +69,11 @@ def app(cfg: DictConfig) -> float | None:
     from msp.tracking import make_tracker
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("skip_done"):
+        from msp.sweep import skip_if_done
+
+        if skip_if_done(cfg, run_dir):
+            return None
     tracker = None
     failed = True
     try:

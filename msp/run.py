@@ -54,6 +54,7 @@ class RunSpec:
     use_cache: bool
     zeroshot: dict | None = None
     experiment: str = "default"
+    config_hash: str | None = None  # msp.sweep.config_hash of the resolved config (skip_done matches on it)
 
 
 def validate_early(spec: RunSpec) -> None:
@@ -176,6 +177,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         "peak_memory_by_stage": meter.peak_memory,
         "cache": {"hits": cache.hits, "misses": cache.misses},
         "experiment": spec.experiment,
+        "config_hash": spec.config_hash,
     }
     for key in ("search", "sensitivity_method", "sensitivity_seconds"):
         if key in ctx.extras:

@@ -1,0 +1,105 @@
+"""Re-runnable sweeps: a run's config hash, and finding a finished run with the same hash (``skip_done=true``).
+
+The hash covers the resolved config minus the keys that only say where outputs, caches and logs go, so the
+same experiment launched from another sweep directory, with another cache folder or logger, counts as done.
+Hydra's own ``hydra:`` node is never part of the composed job config.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+
+#: dotted keys that do not change a run's numbers: where things are written, how they are logged
+OUTPUT_ONLY_KEYS = ("cache_dir", "use_cache", "skip_done", "done_dirs", "logger", "experiment", "zeroshot.data_dir")
+RESULTS = "results.json"
+SKIPPED = "skipped.json"
+
+
+def _drop(tree: dict, dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node: Any = tree
+    for p in parents:
+        node = node.get(p) if isinstance(node, dict) else None
+        if node is None:
+            return
+    if isinstance(node, dict):
+        node.pop(leaf, None)
+
+
+def config_hash(config: dict) -> str:
+    """sha256 (first 16 hex digits) of the resolved config as canonical JSON, minus :data:`OUTPUT_ONLY_KEYS`."""
+    tree = json.loads(json.dumps(config, default=str))
+    tree.pop("hydra", None)
+    for key in OUTPUT_ONLY_KEYS:
+        _drop(tree, key)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_hash_of(cfg) -> str:
+    """:func:`config_hash` of a composed ``DictConfig``; output-only keys are dropped before resolving, so their
+    interpolations (``cache_dir`` → ``${hydra:runtime.cwd}``) need no Hydra context."""
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for key in OUTPUT_ONLY_KEYS:
+            *parents, leaf = key.split(".")
+            node = OmegaConf.select(cfg, ".".join(parents)) if parents else cfg
+            if node is not None and leaf in node:
+                del node[leaf]
+        cfg.pop("hydra", None)
+    return config_hash(OmegaConf.to_container(cfg, resolve=True))
+
+
+def skip_if_done(cfg, run_dir: Path) -> bool:
+    """``skip_done=true``: when a finished run with this config's hash exists, say where and return True.
+
+    Looks in the current sweep folder (or the run folder), ``outputs/`` under the launch folder, and ``done_dirs``.
+    The skipped job's folder gets a ``skipped.json`` pointing at the existing result (the table builder follows it).
+    """
+    from msp.io import write_json_atomic
+
+    from hydra.core.hydra_config import HydraConfig
+
+    digest = config_hash_of(cfg)
+    run_dir = Path(run_dir)
+    here = run_dir
+    if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+        here = Path(HydraConfig.get().sweep.dir)
+    roots = [here, Path.cwd() / "outputs", *(Path(p).expanduser() for p in cfg.get("done_dirs") or [])]
+    done = find_finished_run(digest, roots)
+    if done is None:
+        return False
+    log.info("skip_done: config %s already finished: %s", digest, done)
+    if done.parent.resolve() != run_dir.resolve():
+        write_json_atomic(run_dir / SKIPPED, {"config_hash": digest, "existing": str(done.resolve())})
+    return True
+
+
+def iter_results(roots: Iterable[Path]) -> Iterable[Path]:
+    seen: set[Path] = set()
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob(RESULTS)):
+            real = path.resolve()
+            if real not in seen and "wandb" not in path.relative_to(root).parts:  # W&B keeps a copy
+                seen.add(real)
+                yield path
+
+
+def find_finished_run(digest: str, roots: Iterable[Path]) -> Path | None:
+    """The first ``results.json`` under ``roots`` whose ``config_hash`` is ``digest`` (unreadable files skipped)."""
+    for path in iter_results(roots):
+        try:
+            if json.loads(path.read_text()).get("config_hash") == digest:
+                return path
+        except (OSError, ValueError):
+            log.warning("skip_done: cannot read %s; ignoring it", path)
+    return None
