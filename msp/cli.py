@@ -55,6 +55,8 @@ def spec_from_config(cfg: DictConfig):
         zeroshot=container(cfg.get("zeroshot")),
         experiment=str(cfg.get("experiment", "default")),
         config_hash=config_hash_of(cfg),
+        streaming=str(cfg.get("streaming", "auto")).lower(),
+        gpu_budget_gb=float(cfg.gpu_budget_gb) if cfg.get("gpu_budget_gb") is not None else None,
     )
 
 

@@ -12,8 +12,9 @@ compute device when they fit, the CPU otherwise).
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -182,3 +183,99 @@ def sequential_pass(
         del dense_outputs
         block.to(home)
     bar.close()
+
+
+@dataclass
+class StreamedHidden:
+    """What :func:`stream_blocks` returns: the last block's outputs (``final.hidden``, per batch; ``final.kwargs``
+    are block 0's, which every block receives), the inputs of every block when asked for
+    (``block_inputs[block][batch]``), and whether the blocks return tuples (OPT) or bare tensors (LLaMA)."""
+
+    final: BlockInputs
+    block_inputs: list[list[torch.Tensor]]
+    tuple_out: bool
+
+
+@torch.no_grad()
+def stream_blocks(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    device: torch.device,
+    *,
+    batch_size: int = 1,
+    store_device: torch.device | None = None,
+    keep_all: bool = False,
+    desc: str = "streaming blocks",
+) -> StreamedHidden:
+    """Run ``input_ids`` through every decoder block, one block at a time on ``device``; each block goes back
+    to where it was (the CPU when the model is streamed). Activations between blocks live on ``store_device``.
+    With ``keep_all`` the input of every block is kept (for a block-by-block backward)."""
+    _, blocks = find_blocks(model)
+    store_device = store_device or device
+    state = capture_block_inputs(model, input_ids, batch_size, device, store_device)
+    kept: list[list[torch.Tensor]] = []
+    tuple_out = False
+    for i in tqdm(range(len(blocks)), desc=desc, unit="block", leave=False):
+        block = blocks[i]
+        home = next(block.parameters()).device
+        block.to(device)
+        if keep_all:
+            kept.append(state.hidden)
+        outs = []
+        for hidden, kw in zip(state.hidden, state.kwargs):
+            raw = block(hidden.to(device), **_to(kw, device))
+            tuple_out = isinstance(raw, (tuple, list))
+            outs.append(_block_output(raw).detach().to(store_device))
+        state.hidden = outs
+        block.to(home)
+    return StreamedHidden(state, kept, tuple_out)
+
+
+class _BlockStandIn(nn.Module):
+    """Takes a decoder block's place so that ``model(...)`` skips the blocks: returns ``value`` (the real last
+    block's output) when set, else passes its input through. Attribute reads fall back to the real block
+    (some models read e.g. ``attention_type`` from each layer)."""
+
+    def __init__(self, original: nn.Module, tuple_out: bool):
+        super().__init__()
+        object.__setattr__(self, "_original", original)  # not a submodule: .to()/parameters() ignore it
+        self.tuple_out = tuple_out
+        self.value: torch.Tensor | None = None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        out = hidden if self.value is None else self.value
+        return (out,) if self.tuple_out else out
+
+
+@contextmanager
+def head_from_hidden(model: nn.Module, tuple_out: bool) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """Inside the context, ``logits_fn(input_ids, final_hidden)`` returns the model's logits when the last
+    decoder block outputs ``final_hidden``: the model's own forward runs its embeddings (cheap), skips the
+    blocks and applies its final norm and lm_head, so no architecture-specific head code is needed. Gradients
+    flow to ``final_hidden`` when it requires them. The real blocks are put back in ``finally``."""
+    _, blocks = find_blocks(model)
+    originals = list(blocks)
+    stand_ins = [_BlockStandIn(b, tuple_out) for b in originals]
+
+    def logits_fn(input_ids: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor:
+        stand_ins[-1].value = final_hidden
+        try:
+            return model(input_ids=input_ids, use_cache=False).logits
+        finally:
+            stand_ins[-1].value = None
+
+    try:
+        for i, s in enumerate(stand_ins):
+            blocks[i] = s
+        yield logits_fn
+    finally:
+        for i, b in enumerate(originals):
+            blocks[i] = b
+

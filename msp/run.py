@@ -8,6 +8,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,13 @@ from msp.allocation import Allocation
 from msp.allocation.build import AllocationContext, build_allocation
 from msp.cache import DiskCache, cache_key
 from msp.device import StageMeter, resolve_device, resolve_dtype
-from msp.eval.perplexity import perplexity
+from msp.eval.perplexity import perplexity, streamed_perplexity
 from msp.io import write_json_atomic
 from msp.masks import Pattern, check_sparsity
 from msp.models import EMBEDDED_SMOLLM2, TINY_MODELS, LoadedModel, load_model, prunable_layers, save_pruned_model
 from msp.prune import check_pattern_fits, prune_, weighted_sparsity
+from msp.streaming import StreamingError, plan_streaming
+from msp.streaming import parse_mode as parse_streaming_mode
 from msp.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,8 @@ class RunSpec:
     zeroshot: dict | None = None
     experiment: str = "default"
     config_hash: str | None = None  # msp.sweep.config_hash of the resolved config (skip_done matches on it)
+    streaming: str = "auto"  # auto | true | false: one decoder block at a time on the device (msp.streaming)
+    gpu_budget_gb: float | None = None  # device memory budget for streaming decisions (None: the GPU's free memory)
 
 
 def validate_early(spec: RunSpec) -> None:
@@ -82,6 +87,10 @@ def validate_early(spec: RunSpec) -> None:
         max_len = 8192 if spec.model == EMBEDDED_SMOLLM2 else 512
         data_mod.check_seqlen(int(d["seqlen"]), max_len)
     resolve_dtype(spec.dtype, resolve_device(spec.device))  # device=cuda without a GPU, bf16 on an old GPU: fail now
+    try:
+        parse_streaming_mode(spec.streaming)
+    except StreamingError as exc:
+        raise ConfigError(str(exc)) from None
     if spec.zeroshot and spec.zeroshot.get("tasks"):
         from msp.eval.zeroshot import check_tasks
 
@@ -107,8 +116,15 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         loaded: LoadedModel = load_model(spec.model, dtype=dtype, seed=spec.seed, revision=spec.model_revision)
         data_mod.check_seqlen(seqlen, loaded.max_seqlen)
         check_pattern_fits(loaded.model, spec.pattern)
-        loaded.model.to(device)
+        plan = plan_streaming(loaded.model, device, spec.streaming, spec.gpu_budget_gb, batch_size=spec.batch_size,
+                              seqlen=seqlen, nsamples=nsamples, need_hessian=bool(getattr(spec.pruner, "needs_hessian", False)))
+        if not plan.stream:
+            loaded.model.to(device)  # streaming keeps the model on the CPU; msp.pipeline moves one block at a time
     model = loaded.model
+    if plan.stream:
+        ppl_fn = partial(streamed_perplexity, store_device=plan.store, windows_per_pass=max(nsamples, int(spec.eval.get("batch_size", 1))))
+    else:
+        ppl_fn = perplexity
     model_key = {"model": spec.model, "revision": spec.model_revision, "dtype": str(dtype)}
 
     with meter.stage("data"):
@@ -127,7 +143,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         with meter.stage("dense_eval"):
             for name, windows in eval_windows.items():
                 key = cache_key("dense_ppl", **model_key, dataset=name, seqlen=seqlen, windows=int(windows.shape[0]))
-                dense_ppl[name] = float(cache.get_or_compute(key, lambda w=windows: perplexity(model, w, device, eval_bs, f"dense ppl {name}")))
+                dense_ppl[name] = float(cache.get_or_compute(key, lambda w=windows: ppl_fn(model, w, device, eval_bs, f"dense ppl {name}")))
                 log.info("dense perplexity on %s: %.3f", name, dense_ppl[name])
 
     layers = prunable_layers(model)
@@ -135,14 +151,14 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         model=model, layers=layers, target=spec.sparsity, pattern=spec.pattern, device=device, pruner=spec.pruner,
         calibration_ids=calibration_ids, heldout_tokens=split.heldout_tokens, seqlen=seqlen, seed=spec.seed,
         cache=cache, cache_fields={**model_key, "data": d["calibration"], "nsamples": nsamples, "seqlen": seqlen, "seed": spec.seed},
-        run_dir=run_dir, batch_size=spec.batch_size, tracker=tracker,
+        run_dir=run_dir, batch_size=spec.batch_size, tracker=tracker, extras={"streaming": plan},
     )
     with meter.stage("allocation"):
         allocation: Allocation = build_allocation(ctx, dict(spec.allocation))
     allocation.save(run_dir / "allocation.json")
 
     with meter.stage("prune"):
-        reports = prune_(model, spec.pruner, allocation, calibration_ids, device, spec.pattern, spec.batch_size)
+        reports = prune_(model, spec.pruner, allocation, calibration_ids, device, spec.pattern, spec.batch_size, store_device=plan.store)
     measured = weighted_sparsity(reports)
     log.info("measured sparsity (parameter-weighted over %d Linear layers): %.4f", len(reports), measured)
 
@@ -150,7 +166,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
     if not skip_eval:
         with meter.stage("eval"):
             for name, windows in eval_windows.items():
-                ppl[name] = perplexity(model, windows, device, eval_bs, f"pruned ppl {name}")
+                ppl[name] = ppl_fn(model, windows, device, eval_bs, f"pruned ppl {name}")
                 log.info("pruned perplexity on %s: %.3f", name, ppl[name])
 
     results: dict[str, Any] = {
@@ -175,6 +191,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         "timings": meter.timings,
         "peak_memory_bytes": meter.peak_bytes,
         "peak_memory_by_stage": meter.peak_memory,
+        "streaming": plan.to_json(),
         "cache": {"hits": cache.hits, "misses": cache.misses},
         "experiment": spec.experiment,
         "config_hash": spec.config_hash,
@@ -185,8 +202,13 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
     if spec.zeroshot and spec.zeroshot.get("tasks"):
         from msp.eval.zeroshot import run_zeroshot  # lazy: lm-eval is heavy
 
+        zs_device = device
+        if plan.stream:  # lm-eval needs the whole model on one device: the CPU, where a streamed model lives
+            zs_device = torch.device("cpu")
+            log.warning("streaming: zero-shot evaluation runs on the CPU (the model does not fit %s)", device)
+            model.to(zs_device)
         with meter.stage("zeroshot"):
-            results.update(run_zeroshot(model, loaded.tokenizer, spec.zeroshot, device))  # zeroshot, zeroshot_source
+            results.update(run_zeroshot(model, loaded.tokenizer, spec.zeroshot, zs_device))  # zeroshot, zeroshot_source
         results["timings"] = meter.timings
     if spec.save_model:
         with meter.stage("save_model"):
