@@ -146,6 +146,13 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
                 dense_ppl[name] = float(cache.get_or_compute(key, lambda w=windows: ppl_fn(model, w, device, eval_bs, f"dense ppl {name}")))
                 log.info("dense perplexity on %s: %.3f", name, dense_ppl[name])
 
+    dense_zs: dict = {}
+    if spec.zeroshot and spec.zeroshot.get("tasks") and spec.zeroshot.get("dense"):
+        from msp.eval.zeroshot import dense_zeroshot  # lazy: lm-eval is heavy
+
+        with meter.stage("dense_zeroshot"):  # before pruning; cached like the dense perplexity
+            dense_zs = dense_zeroshot(model, loaded.tokenizer, spec.zeroshot, cache, model_key)
+
     layers = prunable_layers(model)
     ctx = AllocationContext(
         model=model, layers=layers, target=spec.sparsity, pattern=spec.pattern, device=device, pruner=spec.pruner,
@@ -199,6 +206,8 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
     for key in ("search", "sensitivity_method", "sensitivity_seconds"):
         if key in ctx.extras:
             results[key] = ctx.extras[key]
+    if dense_zs:
+        results["dense_zeroshot"] = dense_zs
     if spec.zeroshot and spec.zeroshot.get("tasks"):
         from msp.eval.zeroshot import run_zeroshot  # lazy: lm-eval is heavy
 

@@ -399,3 +399,22 @@ def run_zeroshot(model: nn.Module, tokenizer, options: dict, device: torch.devic
     meta = {"tasks": provenance, "limit": limit, "num_fewshot": num_fewshot, "mean_metric": metric,
             "lm_eval_version": getattr(lm_eval, "__version__", None)}
     return {"zeroshot": zeroshot, "zeroshot_source": meta}
+
+
+#: options that do not change the scores (where converted data goes, whether to run the dense reference)
+_NOT_IN_KEY = ("data_dir", "dense")
+
+
+def dense_zeroshot(model: nn.Module, tokenizer, options: dict, cache, model_key: dict) -> dict:
+    """Zero-shot scores of the dense model (call before pruning), cached on disk like the dense perplexity, so
+    the jobs of a sweep evaluate the dense reference once. Returns ``{task: {metric: value}, ..., "mean": ...}``."""
+    from msp.cache import cache_key
+
+    import lm_eval
+
+    fields = {k: v for k, v in sorted(options.items()) if k not in _NOT_IN_KEY}
+    key = cache_key("dense_zeroshot", **model_key, options=json.dumps(fields, sort_keys=True, default=str),
+                    source=resolve_source(str(options.get("source", "auto"))), lm_eval=getattr(lm_eval, "__version__", "?"))
+    out = cache.get_or_compute(key, lambda: run_zeroshot(model, tokenizer, options, next(model.parameters()).device)["zeroshot"])
+    log.info("dense zero-shot mean %s: %.4f", options.get("mean_metric", "acc"), out.get("mean", float("nan")))
+    return out
