@@ -207,3 +207,22 @@ def save_pruned_model(loaded: LoadedModel, folder: Path) -> None:
     loaded.model.save_pretrained(folder, safe_serialization=True)
     if hasattr(loaded.tokenizer, "save_pretrained"):
         loaded.tokenizer.save_pretrained(folder)
+
+
+def skeleton_layers(name: str) -> dict[str, nn.Linear] | None:
+    """The prunable Linear layers of a model built on the ``meta`` device from its config alone (no weights),
+    so shape checks (N:M divisibility) run before any loading. None when the config is not at hand locally."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name in TINY_MODELS:
+        config = tiny_config(name)
+    elif name != EMBEDDED_SMOLLM2 and (Path(os.path.expanduser(name)) / "config.json").exists():
+        try:
+            config = AutoConfig.from_pretrained(os.path.expanduser(name))
+        except Exception:  # noqa: BLE001 - the real load reports a broken config properly
+            return None
+    else:
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return prunable_layers(model)

@@ -86,6 +86,11 @@ def validate_early(spec: RunSpec) -> None:
     if spec.model in (EMBEDDED_SMOLLM2, *TINY_MODELS):
         max_len = 8192 if spec.model == EMBEDDED_SMOLLM2 else 512
         data_mod.check_seqlen(int(d["seqlen"]), max_len)
+    if spec.pattern.is_nm:  # N:M must divide every layer: check on a weightless skeleton where the config is local
+        from msp.models import skeleton_layers
+
+        for name, lin in (skeleton_layers(spec.model) or {}).items():
+            spec.pattern.check_divides(name, lin.in_features)
     resolve_dtype(spec.dtype, resolve_device(spec.device))  # device=cuda without a GPU, bf16 on an old GPU: fail now
     try:
         parse_streaming_mode(spec.streaming)
