@@ -43,14 +43,14 @@ class Allocation:
 
         ``tolerance`` defaults to one weight per row of every layer (the rounding of per-row top-k).
         """
-        missing = sorted(set(params) - set(self.sparsities))
-        extra = sorted(set(self.sparsities) - set(params))
+        missing = [n for n in params if n not in self.sparsities]  # in model order
+        extra = [n for n in self.sparsities if n not in params]
         if missing or extra:
             parts = []
             if missing:
-                parts.append(f"{len(missing)} layer(s) missing (e.g. {', '.join(missing[:3])})")
+                parts.append(f"{len(missing)} layer(s) missing (e.g. {', '.join(missing[:5])})")
             if extra:
-                parts.append(f"{len(extra)} unknown layer(s) (e.g. {', '.join(extra[:3])})")
+                parts.append(f"{len(extra)} unknown layer(s) (e.g. {', '.join(extra[:5])})")
             raise AllocationError(
                 "allocation does not match the model: " + "; ".join(parts) + ". Was it made for another model? "
                 "Recompute it for this model or pass the allocation.json of a run on the same model"

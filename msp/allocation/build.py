@@ -1,6 +1,7 @@
 """Allocator registry: ``allocation.method`` → a function (context, options) → :class:`Allocation`."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -9,7 +10,10 @@ import torch
 from torch import nn
 
 from msp.allocation.base import Allocation, AllocationError, uniform_allocation
+from msp.allocation.budget import check_bounds, check_grid, check_target, round_to_levels
 from msp.masks import Pattern
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,29 +58,140 @@ def register(name: str) -> Callable[[Allocator], Allocator]:
     return deco
 
 
+def bounds_from(options: dict, target: float) -> tuple[float, float]:
+    """``(allocation.min, allocation.max)``, defaults 0 and max(0.99, target), checked against the target."""
+    lo = options.get("min")
+    hi = options.get("max")
+    lo = 0.0 if lo is None else lo
+    hi = max(0.99, float(target)) if hi is None else hi
+    return check_bounds(lo, hi, float(target))
+
+
 @register("uniform")
 def _uniform(ctx: AllocationContext, options: dict) -> Allocation:
     fixed = ctx.pattern.fixed_sparsity()
+    if ctx.pattern.kind == "mixed_nm":
+        # N:M with per-layer N: the target is generally between two levels k/M, so mix the two nearest
+        # levels across layers to get as close to the budget as the grid allows (not one level everywhere)
+        bounds = bounds_from(options, ctx.target)
+        levels_, achieved = round_to_levels({n: ctx.target for n in ctx.layers}, ctx.params, ctx.target, ctx.pattern.m, bounds)
+        return Allocation(levels_, float(ctx.target), "uniform", {"achieved_mean": achieved})
     return uniform_allocation(ctx.params, fixed if fixed is not None else ctx.target)
 
 
 @register("file")
 def _from_file(ctx: AllocationContext, options: dict) -> Allocation:
-    path = options.get("path")
-    if not path:
-        raise AllocationError("allocation=file needs allocation.path=<run dir>/allocation.json")
-    alloc = Allocation.load(Path(str(path)))
-    alloc.validate(ctx.params, tolerance=1.0)  # names must match; the target is whatever that run used
+    """Re-apply another run's ``allocation.json``: its per-layer sparsities and its target."""
+    alloc = _load_file(options)
+    alloc.validate(ctx.params, tolerance=1.0)  # names must match; the budget is checked against the file's own target below
     alloc.method = f"file:{alloc.method}"
+    fixed = ctx.pattern.fixed_sparsity()
+    if fixed is not None:
+        log.warning("allocation=file with pattern=%s: a fixed N:M pattern prunes every layer to %.3f; the file's per-layer values are ignored", ctx.pattern, fixed)
+        return Allocation({n: fixed for n in ctx.layers}, fixed, alloc.method, {"note": f"pattern {ctx.pattern} fixes every layer", "file": str(options.get("path"))})
+    if ctx.pattern.kind == "mixed_nm" and not _on_grid(alloc.sparsities, ctx.pattern.m):
+        log.warning("allocation=file: %s holds values off the N:%d grid; rounding them to levels k/%d", options.get("path"), ctx.pattern.m, ctx.pattern.m)
+        rounded, achieved = round_to_levels(alloc.sparsities, ctx.params, alloc.target, ctx.pattern.m)
+        alloc = Allocation(rounded, alloc.target, alloc.method, {**alloc.meta, "achieved_mean": achieved})
+    alloc.meta = {**alloc.meta, "file": str(options.get("path"))}
     return alloc
 
 
-def build_allocation(ctx: AllocationContext, options: dict) -> Allocation:
+def _load_file(options: dict) -> Allocation:
+    path = options.get("path")
+    if not path or str(path) == "???":
+        raise AllocationError("allocation=file needs allocation.path=<run dir>/allocation.json (the file a previous run wrote)")
+    return Allocation.load(Path(str(path)))
+
+
+def _on_grid(sparsities: dict[str, float], m: int) -> bool:
+    return all(abs(s * m - round(s * m)) < 1e-6 for s in sparsities.values())
+
+
+def check_allocation_options(options: dict, target: float, pattern: Pattern) -> None:
+    """Cheap checks of ``allocation.*`` before any model is loaded: known method, target in [0, 1), feasible
+    bounds, a mixed N:M grid that can reach the target, a readable allocation file."""
     method = options.get("method", "uniform")
     _load_plugins()
     if method not in ALLOCATORS:
-        raise AllocationError(f"unknown allocation method {method!r}; valid: {', '.join(sorted(ALLOCATORS))}")
-    return ALLOCATORS[method](ctx, options)
+        raise AllocationError(f"unknown allocation method {method!r}; valid: {', '.join(sorted(ALLOCATORS))} (e.g. allocation=fisher)")
+    if method == "file":
+        alloc = _load_file(options)
+        check_target(alloc.target, f"target in {options.get('path')}")
+        return
+    _check_option_values(options)
+    if pattern.kind == "nm":
+        return  # every layer is fixed at N/M; the allocator has nothing to decide
+    target = check_target(target)
+    bounds = bounds_from(options, target)
+    if pattern.kind == "mixed_nm":
+        check_grid(target, pattern.m, bounds)
+
+
+#: option → (kind, example) for the options the built-in allocators share
+_OPTION_RULES = {
+    "lambda": ("non-negative", 0.08), "alpha": ("non-negative", 0.1), "beta": ("non-negative", 0.05),
+    "M": ("positive", 5), "probes": ("positive int", 2), "nsamples": ("positive int", 8),
+}
+_CHOICES = {"granularity": ("layer", "block"), "signal": ("hessian", "fisher")}
+
+
+def _check_option_values(options: dict) -> None:
+    for key, valid in _CHOICES.items():
+        if options.get(key) is not None and str(options[key]) not in valid:
+            raise AllocationError(f"allocation.{key}={options[key]!r} is unknown; valid: {', '.join(valid)}")
+    for key, (kind, example) in _OPTION_RULES.items():
+        value = options.get(key)
+        if value is None:
+            continue
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise AllocationError(f"allocation.{key}={value!r} is not a number, e.g. allocation.{key}={example}") from None
+        ok = v >= 0 if kind == "non-negative" else v > 0
+        if kind == "positive int":
+            ok = ok and v == int(v)
+        if not ok or v != v:
+            raise AllocationError(f"allocation.{key}={value} must be {kind}, e.g. allocation.{key}={example}")
+
+
+def build_allocation(ctx: AllocationContext, options: dict) -> Allocation:
+    """Run the allocator ``options['method']`` and validate its result against the model and the budget."""
+    method = options.get("method", "uniform")
+    check_allocation_options(options, ctx.target, ctx.pattern)
+    alloc = ALLOCATORS[method](ctx, options)
+    _check_result(ctx, alloc, options, method)
+    return alloc
+
+
+def _check_result(ctx: AllocationContext, alloc: Allocation, options: dict, method: str) -> None:
+    """Every layer present, within bounds, on the N:M grid when mixed, weighted mean on the (file's) target."""
+    fixed = ctx.pattern.fixed_sparsity() is not None
+    bounds = (0.0, 1.0) if method == "file" or fixed else bounds_from(options, alloc.target)
+    tolerance = None
+    reported = alloc.meta.get("achieved_mean")
+    if method == "file" and isinstance(reported, (int, float)) and not set(ctx.params) - set(alloc.sparsities):
+        if abs(reported - alloc.weighted_mean(ctx.params)) < 1e-6:  # a mixed N:M run's file: its grid mean is its budget
+            tolerance = max(abs(reported - alloc.target), sum(ctx.rows.values()) / sum(ctx.params.values()))
+    if ctx.pattern.kind == "mixed_nm":
+        m = ctx.pattern.m
+        off = [n for n, s in alloc.sparsities.items() if abs(s * m - round(s * m)) > 1e-6]
+        if off:
+            raise AllocationError(
+                f"allocation={method} gave {len(off)} layer(s) sparsities off the pattern=N:{m} levels k/{m} "
+                f"(e.g. {off[0]}={alloc.sparsities[off[0]]:.4f}); round them with msp.allocation.budget.round_to_levels"
+            )
+        achieved = alloc.weighted_mean(ctx.params) if not set(ctx.params) - set(alloc.sparsities) else alloc.target
+        # the grid cannot hit every target: accept the achieved mean (reported in meta), at most one level off
+        tolerance = max(abs(achieved - alloc.target), sum(ctx.rows.values()) / sum(ctx.params.values()))
+        if tolerance > 1.0 / m + 1e-9:
+            raise AllocationError(
+                f"allocation={method} on pattern=N:{m} reaches mean sparsity {achieved:.4f}, more than one level off the target {alloc.target:.4f}"
+            )
+        alloc.meta.setdefault("achieved_mean", achieved)
+    alloc.validate(ctx.params, bounds=bounds, tolerance=tolerance, rows=ctx.rows)
+    log.info("allocation %s: %d layers, sparsity range [%.4f, %.4f], weighted mean %.6f (target %.6f)", alloc.method, len(alloc.sparsities),
+             min(alloc.sparsities.values()), max(alloc.sparsities.values()), alloc.weighted_mean(ctx.params), alloc.target)
 
 
 def _load_plugins() -> None:

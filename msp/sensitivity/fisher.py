@@ -1,0 +1,57 @@
+"""Empirical Fisher trace of every prunable Linear layer (MSP, arXiv 2503.11164).
+
+For a unit u (the weights of one Linear layer) and N calibration sequences x_1 … x_N,
+
+    tr(F_u) ≈ (1/N) Σ_n Σ_{θ∈u} (∂ℓ_n/∂θ)²,
+
+where ℓ_n is the mean next-token cross-entropy of sequence n. Each sequence gets its own backward pass and
+its gradient is squared *before* averaging (the empirical Fisher, not the squared mean gradient). With
+``normalize`` the trace is divided by the unit's parameter count |u| (mean per-weight Fisher), which makes
+layers of different shapes comparable.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from msp.models import prunable_layers
+from msp.sensitivity._grad import grads_on, next_token_loss, windows_to_use
+
+log = logging.getLogger(__name__)
+
+
+def fisher_trace(
+    model: nn.Module,
+    windows: torch.Tensor,
+    device: torch.device,
+    *,
+    nsamples: int | None = None,
+    normalize: bool = True,
+    layers: dict[str, nn.Linear] | None = None,
+) -> dict[str, float]:
+    """tr(F_u) for every prunable Linear layer of ``model`` (names as :func:`msp.models.prunable_layers`).
+
+    windows: (num_windows, seqlen) token ids; the first ``nsamples`` (all when None) are used, one backward
+    each. The model must already sit on ``device``; its ``requires_grad`` flags and ``.grad`` are restored.
+    Squares are accumulated in float32 whatever the weight dtype.
+    """
+    layers = layers if layers is not None else prunable_layers(model)
+    used = windows_to_use(windows, nsamples)
+    acc = {name: torch.zeros((), dtype=torch.float32, device=device) for name in layers}
+    names = list(layers)
+    with grads_on(model, layers) as weights:
+        for n in tqdm(range(used.shape[0]), desc="fisher: sequences", unit="seq", leave=False):
+            loss = next_token_loss(model, used[n : n + 1].to(device))
+            grads = torch.autograd.grad(loss, weights)
+            for name, g in zip(names, grads):
+                acc[name] += g.detach().to(torch.float32).pow(2).sum()
+    count = used.shape[0]
+    out = {}
+    for name, lin in layers.items():
+        value = float(acc[name].item()) / count
+        out[name] = value / lin.weight.numel() if normalize else value
+    log.info("fisher trace over %d sequences: %d layers, range [%.3e, %.3e]", count, len(out), min(out.values()), max(out.values()))
+    return out
