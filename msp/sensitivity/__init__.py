@@ -58,6 +58,13 @@ def compute_sensitivity(ctx, method: str, options: Mapping[str, Any] | None = No
     windows = ctx.calibration_ids
     layers = ctx.layers
     started = time.perf_counter()
+    plan = ctx.extras.get("streaming")
+    streamed = bool(getattr(plan, "stream", False))
+    store_device = getattr(plan, "store", None) if streamed else None
+    # gradients need the whole model in one place: a streamed (CPU-resident) model is differentiated where it lives
+    grad_device = next(ctx.model.parameters()).device if streamed else ctx.device
+    if streamed and method != "owl":
+        log.warning("%s sensitivity on a streamed model: computing on %s, where the model lives (slow)", method, grad_device)
     if method in ("fisher", "hessian"):
         from msp.sensitivity._grad import windows_to_use
 
@@ -68,14 +75,14 @@ def compute_sensitivity(ctx, method: str, options: Mapping[str, Any] | None = No
         if method == "fisher":
             from msp.sensitivity.fisher import fisher_trace
 
-            compute = lambda: fisher_trace(ctx.model, used, ctx.device, normalize=False, layers=layers)  # noqa: E731
+            compute = lambda: fisher_trace(ctx.model, used, grad_device, normalize=False, layers=layers)  # noqa: E731
         else:
             from msp.sensitivity.hessian import hessian_trace
 
             probes = int(_opt(options, "probes", 4))
             probe_seed = int(_opt(options, "seed", ctx.seed))
             fields.update(probes=probes, probe_seed=probe_seed)
-            compute = lambda: hessian_trace(ctx.model, used, ctx.device, probes=probes, normalize=False, seed=probe_seed, layers=layers)  # noqa: E731
+            compute = lambda: hessian_trace(ctx.model, used, grad_device, probes=probes, normalize=False, seed=probe_seed, layers=layers)  # noqa: E731
         raw = _cached(ctx, method, fields, compute)
         values = {n: raw[n] / layers[n].weight.numel() if normalize else raw[n] for n in layers}
     else:
@@ -83,7 +90,7 @@ def compute_sensitivity(ctx, method: str, options: Mapping[str, Any] | None = No
 
         M = float(_opt(options, "M", 5.0))
         prefix, _ = find_blocks(ctx.model)
-        ratios = _cached(ctx, method, {"M": M}, lambda: owl_outlier_ratios(ctx.model, windows, ctx.device, M=M, batch_size=ctx.batch_size))
+        ratios = _cached(ctx, method, {"M": M}, lambda: owl_outlier_ratios(ctx.model, windows, ctx.device, M=M, batch_size=ctx.batch_size, store_device=store_device))
         values = {n: float(ratios[layer_block_index(n, prefix)]) for n in layers}
     missing = [n for n in layers if n not in values]
     if missing:  # a stale or foreign cache entry
