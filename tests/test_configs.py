@@ -12,7 +12,7 @@ from msp.run import validate_early
 
 CONF = Path(CONF_DIR)
 # groups selected with `+group=option` (not in the defaults list)
-OPTIONAL_GROUPS = {"experiment", "debug"}
+OPTIONAL_GROUPS = {"debug"}  # experiment is in the defaults list (experiment: null), so experiment=<name>
 OPTIONAL_GROUPS_WITH_DEFAULT = set()
 
 

@@ -1,0 +1,413 @@
+#!/usr/bin/env python3
+"""Tables and plots from finished msp runs (reads only ``results.json`` files; W&B not needed).
+
+    python experiments/build_tables.py outputs/multirun/2026-01-01/12-00-00 --name smollm2_table
+    python experiments/build_tables.py outputs/ --name everything          # any tree of run folders
+
+writes ``experiments/results/<name>/`` (atomically: a finished folder replaces the old one in one rename):
+
+* ``README.md``      every table below in markdown, with the runs it was built from
+* ``ppl_<dataset>.csv``   method x sparsity perplexity, dense as the reference row (one table per model)
+* ``zeroshot.csv``   method @ sparsity x task accuracy (+ mean), dense first, when runs have zero-shot results
+* ``runs.csv``       one row per run: settings, measured sparsity, every perplexity, zero-shot mean, time
+* ``ppl_<model>_<dataset>.png``  perplexity vs sparsity per method (log y), dense as a dashed line
+* ``layers_<model>.png``  per-layer sparsity of each allocation (one panel per target sparsity)
+* ``search_<model>.png``  search convergence (best and mean fitness per generation) when runs have a search
+
+A method is ``pruner`` (uniform allocation) or ``pruner + allocation``, with the pattern appended when it is not
+unstructured. Several runs of one method and sparsity (e.g. seeds) are averaged; ``n`` in the CSV says how many.
+Folders holding a ``skipped.json`` (``skip_done=true``) count the run they point to.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+log = logging.getLogger("build_tables")
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "experiments" / "results"
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def find_result_files(roots: list[Path]) -> list[Path]:
+    """``results.json`` under each root (W&B's copies left out), plus the runs that ``skipped.json`` files name."""
+    found: dict[Path, None] = {}
+    for root in roots:
+        root = Path(root)
+        if root.is_file() and root.name == "results.json":
+            found[root.resolve()] = None
+            continue
+        if not root.is_dir():
+            raise SystemExit(f"build_tables: {root} is not a folder of msp runs")
+        for path in sorted(root.rglob("results.json")):
+            if "wandb" not in path.relative_to(root).parts:
+                found[path.resolve()] = None
+        for path in sorted(root.rglob("skipped.json")):
+            try:
+                target = Path(json.loads(path.read_text())["existing"])
+            except (OSError, ValueError, KeyError):
+                log.warning("ignoring unreadable %s", path)
+                continue
+            if target.exists():
+                found[target.resolve()] = None
+            else:
+                log.warning("%s points at %s, which no longer exists", path, target)
+    return list(found)
+
+
+def load_runs(roots: list[Path]) -> list[dict]:
+    """Every readable run, newest first per config hash (a re-run replaces an older identical run)."""
+    runs: list[dict] = []
+    for path in find_result_files(roots):
+        try:
+            r = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("skipping unreadable %s (%s)", path, exc)
+            continue
+        if not isinstance(r, dict) or "model" not in r or "ppl" not in r:
+            log.warning("skipping %s: not an msp results.json", path)
+            continue
+        r["_path"] = str(path)
+        r["_mtime"] = path.stat().st_mtime
+        runs.append(r)
+    runs.sort(key=lambda r: -r["_mtime"])
+    seen: set[str] = set()
+    unique = []
+    for r in runs:
+        h = r.get("config_hash")
+        if h and h in seen:
+            continue
+        if h:
+            seen.add(h)
+        unique.append(r)
+    unique.sort(key=lambda r: (r["model"], method_of(r), r.get("target_sparsity", 0.0), r["_path"]))
+    return unique
+
+
+def method_of(r: dict) -> str:
+    label = r["pruner"] if r.get("allocation", "uniform") == "uniform" else f"{r['pruner']} + {r['allocation']}"
+    if r.get("pattern", "unstructured") != "unstructured":
+        label += f" {r['pattern']}"
+    return label
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:g}%"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+# ----------------------------------------------------------------------------------------------- tables
+def fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def csv_text(header: list[str], rows: list[list]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def datasets_of(runs: list[dict]) -> list[str]:
+    out: list[str] = []
+    for r in runs:
+        for name in list(r.get("dense_ppl", {})) + list(r.get("ppl", {})):
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def ppl_table(runs: list[dict], dataset: str, sparsities: list[float] | None = None) -> tuple[list[str], list[list[str]], list[list]]:
+    """Method x sparsity perplexity on ``dataset``; the dense row first. Returns header, markdown rows, CSV rows."""
+    if sparsities is None:
+        sparsities = sorted({r["target_sparsity"] for r in runs if dataset in r.get("ppl", {})})
+    cells: dict[tuple[str, float], list[float]] = defaultdict(list)
+    for r in runs:
+        if dataset in r.get("ppl", {}):
+            cells[(method_of(r), r["target_sparsity"])].append(float(r["ppl"][dataset]))
+    dense = [float(r["dense_ppl"][dataset]) for r in runs if dataset in r.get("dense_ppl", {})]
+    methods = sorted({m for m, _ in cells})
+    header = ["method", *(pct(s) for s in sparsities)]
+    md_rows, csv_rows = [], []
+    if dense:
+        d = mean(dense)
+        md_rows.append(["dense", *(fmt(d) for _ in sparsities)])
+        csv_rows.append(["dense", *(round(d, 4) for _ in sparsities)])
+    for m in methods:
+        vals = [mean(cells[(m, s)]) if cells.get((m, s)) else None for s in sparsities]
+        md_rows.append([m, *(fmt(v) for v in vals)])
+        csv_rows.append([m, *("" if v is None else round(v, 4) for v in vals)])
+    return header, md_rows, csv_rows
+
+
+def zeroshot_scores(zs: dict) -> dict[str, dict[str, float]]:
+    return {k: v for k, v in zs.items() if isinstance(v, dict)}
+
+
+def zeroshot_table(runs: list[dict], metric: str = "acc") -> tuple[list[str], list[list[str]], list[list]] | None:
+    """Rows: dense, then method @ sparsity; columns: tasks (``metric``, x100) and their mean."""
+    zs_runs = [r for r in runs if r.get("zeroshot")]
+    if not zs_runs:
+        return None
+    tasks: list[str] = []
+    for r in zs_runs:
+        for t, row in zeroshot_scores(r["zeroshot"]).items():
+            if metric in row and t not in tasks:
+                tasks.append(t)
+    rows: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        if r.get("dense_zeroshot"):
+            rows["dense"].append(zeroshot_scores(r["dense_zeroshot"]))
+    for r in sorted(zs_runs, key=lambda r: (r["target_sparsity"], method_of(r))):
+        rows[f"{method_of(r)} @ {pct(r['target_sparsity'])}"].append(zeroshot_scores(r["zeroshot"]))
+    header = ["method", *tasks, "mean"]
+    md_rows, csv_rows = [], []
+    for label, scores in rows.items():
+        vals = []
+        for t in tasks:
+            xs = [s[t][metric] for s in scores if t in s and metric in s[t]]
+            vals.append(mean(xs) if xs else None)
+        present = [v for v in vals if v is not None]
+        avg = mean(present) if len(present) == len(tasks) else None  # a mean over fewer tasks would mislead
+        md_rows.append([label, *(fmt(None if v is None else 100 * v) for v in [*vals, avg])])
+        csv_rows.append([label, *("" if v is None else round(100 * v, 4) for v in [*vals, avg])])
+    return header, md_rows, csv_rows
+
+
+def runs_csv(runs: list[dict]) -> str:
+    datasets = datasets_of(runs)
+    header = ["model", "pruner", "allocation", "pattern", "target_sparsity", "sparsity", "seed",
+              *(f"dense_ppl_{d}" for d in datasets), *(f"ppl_{d}" for d in datasets), "zeroshot_mean", "total_s", "path"]
+    rows = []
+    for r in runs:
+        rows.append([r["model"], r["pruner"], r.get("allocation"), r.get("pattern"), r.get("target_sparsity"),
+                     round(float(r.get("sparsity", float("nan"))), 6), r.get("seed"),
+                     *(r.get("dense_ppl", {}).get(d, "") for d in datasets), *(r.get("ppl", {}).get(d, "") for d in datasets),
+                     (r.get("zeroshot") or {}).get("mean", ""), round(float(r.get("timings", {}).get("total", float("nan"))), 2),
+                     shown_path(r["_path"])])
+    return csv_text(header, rows)
+
+
+def shown_path(path: str) -> str:
+    """Relative to the repository when inside it (committed tables stay machine-independent), else absolute."""
+    p = Path(path)
+    try:
+        return str(p.relative_to(REPO))
+    except ValueError:
+        return str(p)
+
+
+def zeroshot_note(runs: list[dict]) -> str:
+    limits = {(r.get("zeroshot_source") or {}).get("limit") for r in runs if r.get("zeroshot")}
+    tasks = {}
+    for r in runs:
+        for t, p in ((r.get("zeroshot_source") or {}).get("tasks") or {}).items():
+            tasks.setdefault(t, p)
+    parts = []
+    limits.discard(None)
+    if limits:
+        parts.append(f"first {', '.join(str(x) for x in sorted(limits))} examples per task (zeroshot.limit)")
+    srcs = sorted({f"{t}: {p.get('source')} {p.get('split')}" + (f" (lm-eval default: {p['builtin_split']})" if p.get("builtin_split") and p.get("builtin_split") != p.get("split") else "")
+                   for t, p in tasks.items()})
+    if srcs:
+        parts.append("data: " + "; ".join(srcs))
+    return ("Accuracy (%), 0-shot. " + ". ".join(parts) + ".") if parts else "Accuracy (%), 0-shot."
+
+
+def build(runs: list[dict], name: str) -> dict[str, str]:
+    """All text outputs: ``{file name: content}``."""
+    files: dict[str, str] = {}
+    md = [f"# {name}", "", f"Built by `experiments/build_tables.py` from {len(runs)} runs. "
+          "Perplexity: lower is better; dense = the unpruned model. Columns are target sparsities.", ""]
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        by_model[r["model"]].append(r)
+    ppl_csv: dict[str, list[list]] = defaultdict(list)
+    zs_csv: list[list] = []
+    zs_header: list[str] = []
+    ppl_headers: dict[str, list[str]] = {}
+    for model, mruns in by_model.items():
+        d0 = mruns[0].get("data", {})
+        windows = ", ".join(f"{k} {v}" for k, v in (d0.get("eval_windows") or {}).items())
+        md += [f"## {model}", "", f"Calibration: {d0.get('calibration')}, {d0.get('nsamples')} x {d0.get('seqlen')} tokens. "
+               f"Evaluation windows of {d0.get('seqlen')} tokens: {windows}.", ""]
+        for dataset in datasets_of(mruns):
+            header, md_rows, _ = ppl_table(mruns, dataset)
+            md += [f"### Perplexity on {dataset}", "", markdown_table(header, md_rows), ""]
+            every = sorted({r["target_sparsity"] for r in runs if dataset in r.get("ppl", {})})  # same columns for all models
+            header, _, csv_rows = ppl_table(mruns, dataset, every)
+            ppl_headers[dataset] = ["model", *header]
+            ppl_csv[dataset] += [[model, *row] for row in csv_rows]
+        zs = zeroshot_table(mruns)
+        if zs:
+            header, md_rows, csv_rows = zs
+            md += ["### Zero-shot accuracy", "", zeroshot_note(mruns), "", markdown_table(header, md_rows), ""]
+            zs_header = ["model", *header]
+            zs_csv += [[model, *row] for row in csv_rows]
+    for dataset, rows in ppl_csv.items():
+        files[f"ppl_{slug(dataset)}.csv"] = csv_text(ppl_headers[dataset], rows)
+    if zs_csv:
+        files["zeroshot.csv"] = csv_text(zs_header, zs_csv)
+    files["runs.csv"] = runs_csv(runs)
+    files["README.md"] = "\n".join(md).rstrip() + "\n"
+    return files
+
+
+# ----------------------------------------------------------------------------------------------- plots
+def plot_all(runs: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    written: list[str] = []
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        by_model[r["model"]].append(r)
+    for model, mruns in by_model.items():
+        for dataset in datasets_of(mruns):
+            series: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+            for r in mruns:
+                if dataset in r.get("ppl", {}):
+                    series[method_of(r)][r["target_sparsity"]].append(float(r["ppl"][dataset]))
+            if not series:
+                continue
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for m, pts in sorted(series.items()):
+                xs = sorted(pts)
+                ax.plot([100 * x for x in xs], [mean(pts[x]) for x in xs], marker="o", label=m)
+            dense = [float(r["dense_ppl"][dataset]) for r in mruns if dataset in r.get("dense_ppl", {})]
+            if dense:
+                ax.axhline(mean(dense), color="k", linestyle="--", linewidth=1, label="dense")
+            ax.set_yscale("log")
+            plain = FuncFormatter(lambda y, _: f"{y:.4g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="y", which="minor", labelsize=7)
+            ax.set_xlabel("sparsity (%)")
+            ax.set_ylabel(f"perplexity on {dataset} (log)")
+            ax.set_title(f"{model}: perplexity vs sparsity")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fname = f"ppl_{slug(model)}_{slug(dataset)}.png"
+            fig.savefig(out / fname, dpi=120)
+            plt.close(fig)
+            written.append(fname)
+
+        # per-layer sparsity profile of each allocation, one panel per target sparsity
+        profiles: dict[float, dict[str, list[float]]] = defaultdict(dict)
+        for r in mruns:
+            layers = r.get("layers") or []
+            if layers and r.get("pattern", "unstructured") == "unstructured":
+                profiles[r["target_sparsity"]].setdefault(r.get("allocation", "uniform"), [float(l["measured"]) for l in layers])
+        if profiles:
+            keys = sorted(profiles)
+            fig, axes = plt.subplots(len(keys), 1, figsize=(8, 2.6 * len(keys)), squeeze=False)
+            for ax, s in zip(axes[:, 0], keys):
+                for alloc, prof in sorted(profiles[s].items()):
+                    ax.plot(range(len(prof)), [100 * p for p in prof], label=alloc, linewidth=1.2, marker=".", markersize=3)
+                ax.axhline(100 * s, color="k", linestyle=":", linewidth=0.8)
+                ax.set_ylabel("sparsity (%)")
+                ax.set_title(f"{model}: per-layer sparsity at target {pct(s)}", fontsize=9)
+                ax.legend(fontsize=7, ncol=4)
+                ax.grid(True, alpha=0.3)
+            axes[-1, 0].set_xlabel("layer index (decoder order)")
+            fig.tight_layout()
+            fname = f"layers_{slug(model)}.png"
+            fig.savefig(out / fname, dpi=120)
+            plt.close(fig)
+            written.append(fname)
+
+        searched = [r for r in mruns if (r.get("search") or {}).get("history")]
+        if searched:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for r in searched:
+                hist = r["search"]["history"]
+                gens = [h["generation"] for h in hist]
+                label = f"{method_of(r)} @ {pct(r['target_sparsity'])}"
+                line, = ax.plot(gens, [h["best"] for h in hist], label=f"{label} best")
+                if all("mean" in h for h in hist):
+                    ax.plot(gens, [h["mean"] for h in hist], linestyle="--", color=line.get_color(), alpha=0.6, label=f"{label} mean")
+            ax.set_xlabel("generation")
+            ax.set_ylabel("fitness (lower is better)")
+            ax.set_title(f"{model}: search convergence")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            fname = f"search_{slug(model)}.png"
+            fig.savefig(out / fname, dpi=120)
+            plt.close(fig)
+            written.append(fname)
+    return written
+
+
+# ----------------------------------------------------------------------------------------------- main
+def write_atomically(files: dict[str, str], runs: list[dict], dest: Path, plots: bool = True) -> list[str]:
+    """Build everything in a temp folder next to ``dest``, then swap it in with renames."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        for fname, text in files.items():
+            (tmp / fname).write_text(text)
+        written = plot_all(runs, tmp) if plots else []
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return written
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Markdown/CSV tables and PNG plots from finished msp runs.")
+    p.add_argument("paths", nargs="+", type=Path, help="sweep folders, outputs/, or results.json files")
+    p.add_argument("--name", required=True, help="output folder name under --out")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"parent folder (default {DEFAULT_OUT.relative_to(REPO)})")
+    p.add_argument("--no-plots", action="store_true", help="tables only")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    runs = load_runs(args.paths)
+    if not runs:
+        print(f"build_tables: no results.json under {', '.join(map(str, args.paths))}; finished runs write one", file=sys.stderr)
+        return 1
+    dest = args.out / args.name
+    files = build(runs, args.name)
+    plots = write_atomically(files, runs, dest, plots=not args.no_plots)
+    print(f"{len(runs)} runs -> {dest}/ ({', '.join(sorted(files) + plots)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
