@@ -57,6 +57,7 @@ def spec_from_config(cfg: DictConfig):
         config_hash=config_hash_of(cfg),
         streaming=str(cfg.get("streaming", "auto")).lower(),
         gpu_budget_gb=float(cfg.gpu_budget_gb) if cfg.get("gpu_budget_gb") is not None else None,
+        export=container(cfg.get("export")),
     )
 
 

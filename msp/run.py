@@ -60,6 +60,7 @@ class RunSpec:
     config_hash: str | None = None  # msp.sweep.config_hash of the resolved config (skip_done matches on it)
     streaming: str = "auto"  # auto | true | false: one decoder block at a time on the device (msp.streaming)
     gpu_budget_gb: float | None = None  # device memory budget for streaming decisions (None: the GPU's free memory)
+    export: dict | None = None  # {"semi_structured": bool}: pack 2:4 layers (msp.export) at the end of the run
 
 
 def validate_early(spec: RunSpec) -> None:
@@ -96,6 +97,13 @@ def validate_early(spec: RunSpec) -> None:
         parse_streaming_mode(spec.streaming)
     except StreamingError as exc:
         raise ConfigError(str(exc)) from None
+    if (spec.export or {}).get("semi_structured"):
+        from msp.export import ExportError, check_export_pattern
+
+        try:
+            check_export_pattern(spec.pattern)  # a model that will not be 2:4: refuse before any pruning
+        except ExportError as exc:
+            raise ConfigError(str(exc)) from None
     if spec.zeroshot and spec.zeroshot.get("tasks"):
         from msp.eval.zeroshot import check_tasks
 
@@ -228,6 +236,12 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         with meter.stage("save_model"):
             save_pruned_model(loaded, run_dir / "model")
         results["saved_model"] = str(run_dir / "model")
+    if (spec.export or {}).get("semi_structured"):
+        from msp.export import export_run  # last: on a GPU it converts the model's 2:4 layers in place
+
+        with meter.stage("export"):
+            results["export"] = export_run(model, loaded.tokenizer, run_dir / "model-2of4", calibration_ids[:1])
+        results["timings"] = meter.timings
     results["timings"]["total"] = time.perf_counter() - started
     results["peak_memory_bytes"] = meter.peak_bytes
     write_json_atomic(run_dir / "results.json", results)
