@@ -1,0 +1,384 @@
+"""Cheap candidates on the real model for the evolutionary search.
+
+Per-layer *variants* are computed once, from ONE dense calibration pass (EvoPress-style), and a candidate
+allocation is evaluated by swapping into the model only the layers whose level changed since the previous
+candidate:
+
+* **ranking** (magnitude, Wanda — any pruner with ``scores``): each layer's per-row ranking of its scores is
+  stored once (int16 positions), and the mask of any level is a threshold of it: a weight is kept iff its
+  position in its row's stable ascending score order is ≥ k = ``prune_count(cols, s)`` — exactly the mask
+  :func:`msp.masks.topk_row_mask` builds, without re-sorting and without per-level weight copies. For N:M the
+  position inside each group of M (stable descending) is stored and a weight is kept iff it is < N.
+* **store** (SparseGPT — any pruner): the pruned weight of every (layer, level) the grid can reach, from
+  ``pruner.prune_weight`` on the dense-pass statistics, held in memory or on disk in float16 (bounded by
+  ``max_levels`` levels per layer).
+
+Fitness (lower is better) on held-out *calibration* tokens (never the evaluation split), with the dense
+model's next-token log-probabilities cached once:
+
+* ``kl``:  (1/T) Σ_t Σ_v p_dense(v|t) · (log p_dense(v|t) − log p_cand(v|t))   (mean token KL(dense ‖ candidate))
+* ``ppl``: exp((1/T) Σ_t −log p_cand(x_{t+1}|x_≤t))
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from msp.masks import Pattern, prune_count
+from msp.pipeline import sequential_pass
+from msp.pruners import Pruner
+from msp.search.evolution import SearchError
+
+log = logging.getLogger(__name__)
+
+METRICS = ("kl", "ppl")
+MODES = ("auto", "ranking", "store")
+STORES = ("memory", "disk")
+
+
+# ---------------------------------------------------------------------------------------------------- rankings
+
+
+def ranking_of(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Positions that turn any sparsity level's mask into one comparison.
+
+    Unstructured: ``rank[i, j]`` = position of column j in row i's stable ascending sort of the scores
+    (int16 when the row fits, else int32); the level-s mask is ``rank >= prune_count(cols, s)``.
+    N:M (fixed or mixed M): position of each weight inside its group of M in stable *descending* order
+    (int8); the mask keeping N per group is ``rank < N``. Both equal :func:`msp.masks.mask_from_scores`.
+    """
+    rows, cols = scores.shape
+    if pattern.is_nm:
+        m = pattern.m
+        groups = scores.reshape(rows, cols // m, m)
+        order = torch.sort(groups, dim=-1, stable=True, descending=True).indices
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(m, device=scores.device).expand_as(order))
+        return rank.reshape(rows, cols).to(torch.int8)
+    order = torch.sort(scores, dim=1, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(cols, device=scores.device).expand_as(order))
+    return rank.to(torch.int16 if cols <= torch.iinfo(torch.int16).max else torch.int32)
+
+
+def mask_from_ranking(rank: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.Tensor:
+    """Keep-mask of one layer at ``sparsity`` from its :func:`ranking_of` (True = keep)."""
+    if pattern.is_nm:
+        return rank < pattern.for_layer(sparsity).n
+    return rank >= prune_count(rank.shape[1], sparsity)
+
+
+# ---------------------------------------------------------------------------------------------------- variants
+
+
+class LayerVariants:
+    """The weight of every prunable layer at any level it may take, plus its dense weight."""
+
+    mode = "base"
+
+    def __init__(self, dense: dict[str, torch.Tensor]):
+        self.dense = dense
+
+    def weight(self, name: str, sparsity: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release memory / temporary files."""
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.dense.values())
+
+
+class RankingVariants(LayerVariants):
+    mode = "ranking"
+
+    def __init__(self, dense: dict[str, torch.Tensor], ranks: dict[str, torch.Tensor], pattern: Pattern):
+        super().__init__(dense)
+        self.ranks = ranks
+        self.pattern = pattern
+
+    def weight(self, name: str, sparsity: float) -> torch.Tensor:
+        mask = mask_from_ranking(self.ranks[name], sparsity, self.pattern)
+        return torch.where(mask, self.dense[name], torch.zeros((), dtype=self.dense[name].dtype))
+
+    def nbytes(self) -> int:
+        return super().nbytes() + sum(t.numel() * t.element_size() for t in self.ranks.values())
+
+    def close(self) -> None:
+        self.ranks.clear()
+
+
+def level_key(sparsity: float) -> str:
+    return f"{float(sparsity):.10f}"
+
+
+class StoredVariants(LayerVariants):
+    """Pruned weights per (layer, level) in memory, or as files in ``folder`` (deleted by :meth:`close`)."""
+
+    mode = "store"
+
+    def __init__(self, dense: dict[str, torch.Tensor], folder: Path | None = None):
+        super().__init__(dense)
+        self.memory: dict[tuple[str, str], torch.Tensor] = {}
+        self.files: dict[tuple[str, str], Path] = {}
+        self.folder = folder
+        self._bytes = 0
+
+    def put(self, name: str, sparsity: float, weight: torch.Tensor) -> None:
+        key = (name, level_key(sparsity))
+        self._bytes += weight.numel() * weight.element_size()
+        if self.folder is None:
+            self.memory[key] = weight
+            return
+        path = self.folder / f"{len(self.files):06d}.pt"
+        torch.save(weight, path)
+        self.files[key] = path
+
+    def weight(self, name: str, sparsity: float) -> torch.Tensor:
+        key = (name, level_key(sparsity))
+        if key in self.memory:
+            stored = self.memory[key]
+        elif key in self.files:
+            stored = torch.load(self.files[key], map_location="cpu", weights_only=True)
+        else:
+            raise SearchError(f"no stored variant of {name} at sparsity {sparsity:.4f} (the grid and the store disagree)")
+        return stored.to(self.dense[name].dtype)
+
+    def nbytes(self) -> int:
+        return super().nbytes() + (self._bytes if self.folder is None else 0)
+
+    def close(self) -> None:
+        self.memory.clear()
+        if self.folder is not None and self.folder.exists():
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_mode(mode: str, pruner: Pruner) -> str:
+    """``auto`` → ``ranking`` for score-based pruners (magnitude, Wanda), ``store`` for the others (SparseGPT)."""
+    if mode not in MODES:
+        raise SearchError(f"allocation.candidates={mode!r} is unknown; valid: {', '.join(MODES)}")
+    scorable = type(pruner).scores is not Pruner.scores
+    if mode == "auto":
+        return "ranking" if scorable else "store"
+    if mode == "ranking" and not scorable:
+        raise SearchError(
+            f"allocation.candidates=ranking needs a score-based pruner (magnitude, wanda); pruner={pruner.name} reconstructs "
+            f"weights, use allocation.candidates=store (or auto)"
+        )
+    return mode
+
+
+@torch.no_grad()
+def precompute_variants(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    pruner: Pruner,
+    pattern: Pattern,
+    calibration_ids: torch.Tensor | None,
+    device: torch.device,
+    *,
+    mode: str = "auto",
+    levels: dict[str, Sequence[float]] | None = None,
+    store: str = "memory",
+    store_dir: Path | None = None,
+    store_dtype: str = "float16",
+    max_levels: int = 8,
+    batch_size: int = 4,
+) -> LayerVariants:
+    """One dense calibration pass that records, for every prunable layer, what any level needs.
+
+    ``levels[name]``: the sparsities the layer can take (only used, and required, by ``store`` mode).
+    The model's weights are not changed (the callback returns False, so the dense outputs propagate).
+    """
+    mode = resolve_mode(mode, pruner)
+    if store not in STORES:
+        raise SearchError(f"allocation.store={store!r} is unknown; valid: {', '.join(STORES)}")
+    if store_dtype not in _STORE_DTYPES:
+        raise SearchError(f"allocation.store_dtype={store_dtype!r} is unknown; valid: {', '.join(_STORE_DTYPES)}")
+    if mode == "store":
+        if levels is None:
+            raise SearchError("store mode needs the levels of every layer")
+        most = max(len(v) for v in levels.values())
+        if most > max_levels:
+            raise SearchError(
+                f"the grid gives a layer {most} levels but allocation.max_levels={max_levels} bounds the variant store; "
+                f"raise allocation.step, narrow allocation.min/max, use allocation.granularity=block, or raise allocation.max_levels"
+            )
+    if pattern.kind == "nm" and mode == "ranking":
+        pass  # a fixed N:M pattern has one level per layer; rankings still work
+    names_by_id = {id(lin): name for name, lin in layers.items()}
+    dense: dict[str, torch.Tensor] = {}
+    ranks: dict[str, torch.Tensor] = {}
+    folder = None
+    if mode == "store" and store == "disk":
+        root = Path(store_dir) if store_dir else None
+        if root is not None:
+            root.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="search_store_", dir=root))
+    variants: LayerVariants = RankingVariants(dense, ranks, pattern) if mode == "ranking" else StoredVariants(dense, folder)
+    sdtype = _STORE_DTYPES[store_dtype]
+    cpu = torch.device("cpu")
+    needs_data = pruner.needs_calibration
+    if needs_data and (calibration_ids is None or calibration_ids.numel() == 0):
+        raise SearchError(f"pruner={pruner.name} needs calibration data for the search's variants (data.nsamples >= 1)")
+
+    def on_block(index, prefix, block, linears, stats):
+        for local, lin in linears.items():
+            name = names_by_id.get(id(lin), f"{prefix}.{index}.{local}")
+            w = lin.weight.data
+            dense[name] = w.detach().to(cpu, copy=True)
+            st = stats.get(local)
+            if mode == "ranking":
+                ranks[name] = ranking_of(pruner.scores(w, st), pattern).to(cpu)
+            else:
+                for s in levels[name]:
+                    pruned = pruner.prune_weight(w, st, float(s), pattern)
+                    variants.put(name, float(s), pruned.to(cpu, sdtype))
+        return False  # weights untouched: the dense outputs feed the next block
+
+    try:
+        sequential_pass(
+            model,
+            calibration_ids if needs_data else torch.empty(0, 1, dtype=torch.long),
+            device,
+            on_block,
+            collect_stats=needs_data,
+            need_hessian=pruner.needs_hessian and mode == "store",
+            propagate=needs_data,
+            batch_size=batch_size,
+            desc=f"search variants ({pruner.name}, {mode})",
+        )
+    except BaseException:
+        variants.close()
+        raise
+    missing = [n for n in layers if n not in dense]
+    if missing:
+        variants.close()
+        raise SearchError(f"the variant pass did not visit {len(missing)} layer(s), e.g. {missing[0]}")
+    log.info("search variants (%s, %s): %d layers, %.1f MiB held", pruner.name, mode, len(dense), variants.nbytes() / 2**20)
+    return variants
+
+
+# ---------------------------------------------------------------------------------------------------- candidates
+
+
+class CandidateModel:
+    """Puts a genome's weights into the model, touching only the units whose level changed."""
+
+    def __init__(
+        self,
+        layers: dict[str, nn.Linear],
+        variants: LayerVariants,
+        unit_layers: Sequence[Sequence[str]],
+        sparsity_of: Callable[[int, int], float],
+    ):
+        self.layers = layers
+        self.variants = variants
+        self.unit_layers = [list(u) for u in unit_layers]
+        self.sparsity_of = sparsity_of
+        self.current: np.ndarray | None = None  # None = dense weights in place
+        self.swaps = 0
+
+    @torch.no_grad()
+    def apply(self, genome: np.ndarray) -> None:
+        genome = np.asarray(genome, np.int64)
+        changed = range(len(genome)) if self.current is None else np.flatnonzero(genome != self.current)
+        for u in changed:
+            s = self.sparsity_of(int(u), int(genome[u]))
+            for name in self.unit_layers[u]:
+                lin = self.layers[name]
+                lin.weight.data.copy_(self.variants.weight(name, s).to(lin.weight.device))
+                self.swaps += 1
+        self.current = genome.copy()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every layer's dense weight back."""
+        for name, lin in self.layers.items():
+            lin.weight.data.copy_(self.variants.dense[name].to(lin.weight.device))
+        self.current = None
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=batch, use_cache=False).logits.float()
+
+
+class ModelFitness:
+    """``fitness(genome, stage)``: the candidate's KL to the dense model (or its perplexity) on the first
+    ``stage_windows[stage]`` held-out windows. Build it while the dense weights are in place: the dense
+    log-probabilities are cached at construction."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        candidate: CandidateModel,
+        windows: torch.Tensor,
+        stage_windows: Sequence[int],
+        device: torch.device,
+        metric: str = "kl",
+        batch_size: int = 4,
+    ):
+        if metric not in METRICS:
+            raise SearchError(f"allocation.fitness={metric!r} is unknown; valid: {', '.join(METRICS)}")
+        if candidate.current is not None:
+            raise SearchError("build the fitness before any candidate is applied (the dense reference is cached first)")
+        self.model, self.candidate, self.device = model, candidate, device
+        self.windows = windows
+        self.stage_windows = [int(n) for n in stage_windows]
+        if max(self.stage_windows) > windows.shape[0]:
+            raise SearchError(f"the stages need {max(self.stage_windows)} fitness windows but only {windows.shape[0]} were given")
+        self.metric = metric
+        self.batch_size = max(1, int(batch_size))
+        self.dense_logp: list[torch.Tensor] = []
+        if metric == "kl":
+            n = max(self.stage_windows)
+            for start in tqdm(range(0, n, self.batch_size), desc="search: dense reference", unit="batch", leave=False):
+                batch = windows[start : min(start + self.batch_size, n)].to(device)
+                self.dense_logp.append(F.log_softmax(_logits(model, batch), dim=-1).to("cpu"))
+        self.dense_value = 0.0 if metric == "kl" else self._ppl(max(self.stage_windows))
+
+    def __call__(self, genome: np.ndarray, stage: int) -> float:
+        self.candidate.apply(genome)
+        n = self.stage_windows[stage]
+        return self._kl(n) if self.metric == "kl" else self._ppl(n)
+
+    @torch.no_grad()
+    def _kl(self, n: int) -> float:
+        total, count = 0.0, 0
+        for b, start in enumerate(range(0, n, self.batch_size)):
+            stop = min(start + self.batch_size, n)
+            logp = F.log_softmax(_logits(self.model, self.windows[start:stop].to(self.device)), dim=-1)
+            ref = self.dense_logp[b][: stop - start].to(logp.device)
+            kl = (ref.exp() * (ref - logp)).sum(dim=-1)  # (batch, seqlen): KL(dense ‖ candidate) per token
+            total += float(kl.sum())
+            count += kl.numel()
+        return total / count
+
+    @torch.no_grad()
+    def _ppl(self, n: int) -> float:
+        total, count = 0.0, 0
+        for start in range(0, n, self.batch_size):
+            batch = self.windows[start : min(start + self.batch_size, n)].to(self.device)
+            logits = _logits(self.model, batch)[:, :-1]
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+            total += float(nll)
+            count += batch[:, 1:].numel()
+        return math.exp(total / count)
+
+
+__all__ = ["ranking_of", "mask_from_ranking", "LayerVariants", "RankingVariants", "StoredVariants", "precompute_variants",
+           "resolve_mode", "CandidateModel", "ModelFitness", "METRICS", "MODES", "STORES"]

@@ -1,0 +1,367 @@
+"""The evolutionary search (allocation=msp): operators keep the budget, the search finds known optima,
+resume is exact, thresholded rankings equal the pruners' masks, and on tiny-llama the search lowers the fitness."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from msp.allocation.base import AllocationError
+from msp.allocation.build import AllocationContext, build_allocation
+from msp.masks import Pattern, mask_from_scores
+from msp.models import build_tiny_model, prunable_layers
+from msp.pipeline import sequential_pass
+from msp.pruners import MagnitudePruner, SparseGPTPruner, WandaPruner
+from msp.search.allocator import STATE_FILE, build_grid, search_units
+from msp.search.evolution import (
+    Evolution,
+    EvolutionConfig,
+    SearchError,
+    SearchSpace,
+    SearchState,
+    crossover,
+    mutate,
+    repair,
+    snap,
+)
+from msp.search.fitness import (
+    CandidateModel,
+    ModelFitness,
+    RankingVariants,
+    StoredVariants,
+    mask_from_ranking,
+    precompute_variants,
+    ranking_of,
+)
+
+# ------------------------------------------------------------------------------------------ pure search
+
+
+def _feasible_genome(space: SearchSpace, rng: np.random.Generator) -> np.ndarray:
+    lower, upper, _ = space.arrays()
+    return repair(rng.integers(lower, upper + 1), space, rng)
+
+
+@st.composite
+def spaces(draw, mixed: bool):
+    """Equal weights (unstructured grids) or the weights of mixed N:8 over LLaMA blocks (q,k,v,o,gate,up,down)."""
+    if mixed:
+        blocks = draw(st.integers(1, 4))
+        weight = [3, 1, 1, 3, 8, 8, 8] * blocks
+        lower, upper = [draw(st.integers(1, 4))] * len(weight), [7] * len(weight)
+    else:
+        n = draw(st.integers(2, 12))
+        lower = [draw(st.integers(-6, 0)) for _ in range(n)]
+        upper = [lo + draw(st.integers(0, 8)) for lo in lower]
+        weight = [1] * n
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    point = rng.integers(np.asarray(lower), np.asarray(upper) + 1)
+    budget = int(np.dot(point, weight))  # the cost of some in-bounds genome: always reachable
+    return SearchSpace(tuple(lower), tuple(upper), tuple(weight), budget), seed
+
+
+@settings(max_examples=150, deadline=None)
+@given(spaces(mixed=False), st.integers(1, 6))
+def test_mutation_keeps_the_budget_exactly(space_seed, swaps):
+    space, seed = space_seed
+    rng = np.random.default_rng(seed)
+    genome = _feasible_genome(space, rng)
+    for _ in range(10):
+        genome = mutate(genome, space, rng, swaps)
+        assert space.feasible(genome)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(spaces(mixed=False), spaces(mixed=True)))
+def test_crossover_then_repair_keeps_the_budget_exactly(space_seed):
+    space, seed = space_seed
+    rng = np.random.default_rng(seed)
+    a, b = _feasible_genome(space, rng), _feasible_genome(space, rng)
+    for _ in range(10):
+        child = repair(crossover(a, b, rng), space, rng)
+        assert space.feasible(child)
+        child = mutate(child, space, rng, 2)
+        assert space.feasible(child)
+        a, b = b, child
+
+
+def test_snap_is_the_nearest_feasible_genome():
+    space = SearchSpace((-3,) * 4, (3,) * 4, (1,) * 4, 0)
+    # rounding gives (1, 1, -1, 0): one too many; the unit rounded up the most (0.6 → 1) goes back down
+    assert snap(np.array([0.6, 0.9, -1.2, -0.3]), space).tolist() == [0, 1, -1, 0]
+    assert snap(np.array([5.0, 0.0, 0.0, -5.0]), space).tolist() == [3, 0, 0, -3]  # clipped, still on budget
+
+
+def _separable(seed: int = 0, n: int = 12):
+    """f(g) = Σ_u c_u (g_u − t_u)² with Σ t_u = 0: its unique optimum on the budget is t (f = 0)."""
+    rng = np.random.default_rng(seed)
+    half = rng.integers(-5, 6, n // 2)
+    t = rng.permutation(np.concatenate([half, -half]))
+    c = rng.uniform(0.5, 2.0, n)
+    space = SearchSpace((-6,) * n, (6,) * n, (1,) * n, 0)
+    return space, t, c
+
+
+def test_search_finds_the_optimum_of_a_separable_fitness():
+    space, t, c = _separable()
+
+    def fitness(g, stage):
+        exact = float(np.sum(c * (g - t) ** 2))
+        return exact if stage == 1 else exact + 0.5 * math.sin(7.0 * g[0] + g[1])  # a noisy cheap stage
+
+    start = np.zeros(len(t), np.int64)
+    result = Evolution(space, fitness, EvolutionConfig(generations=150, survivors=(3,), seed=0)).run([start])
+    assert result.initial_fitness == pytest.approx(float(np.sum(c * t**2)))
+    assert result.best.tolist() == t.tolist()
+    assert result.best_fitness == 0.0
+    bests = [h["best"] for h in result.history]
+    assert all(b2 <= b1 for b1, b2 in zip(bests, bests[1:]))  # elitist: the best never gets worse
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_gives_the_same_result(tmp_path):
+    space, t, c = _separable(seed=3)
+    cfg = EvolutionConfig(generations=25, population=3, offspring=5, survivors=(2,), crossover=0.5, seed=7)
+    fitness = lambda g, s: float(np.sum(c * np.abs(g - t) ** 1.5)) + 0.1 * s  # noqa: E731
+    start = [np.zeros(len(t), np.int64)]
+    full = Evolution(space, fitness, cfg, checkpoint=tmp_path / "full.json").run(start)
+
+    calls = {"n": 0}
+
+    def dying(g, s):
+        calls["n"] += 1
+        if calls["n"] > 40:
+            raise _Killed
+        return fitness(g, s)
+
+    path = tmp_path / "killed.json"
+    with pytest.raises(_Killed):
+        Evolution(space, dying, cfg, checkpoint=path).run(start)
+    stopped_at = SearchState.load(path).generation
+    assert 0 < stopped_at < cfg.generations
+    resumed = Evolution(space, fitness, cfg, checkpoint=path).run(lambda: pytest.fail("resume must not rebuild the population"), resume=True)
+    assert resumed.resumed_from == stopped_at
+    assert resumed.best.tolist() == full.best.tolist()
+    assert [g.tolist() for g in resumed.population] == [g.tolist() for g in full.population]
+    assert [(h["best"], h["mean"]) for h in resumed.history] == [(h["best"], h["mean"]) for h in full.history]
+
+
+def test_checkpoint_from_another_configuration_is_refused(tmp_path):
+    space, t, c = _separable()
+    fitness = lambda g, s: float(np.sum(c * (g - t) ** 2))  # noqa: E731
+    path = tmp_path / "state.json"
+    Evolution(space, fitness, EvolutionConfig(generations=2, offspring=4), checkpoint=path).run([np.zeros(len(t), np.int64)])
+    other = Evolution(space, fitness, EvolutionConfig(generations=2, offspring=6), checkpoint=path)
+    with pytest.raises(SearchError, match=r"differs in: config\.offspring.*allocation\.resume=true"):
+        other.run([np.zeros(len(t), np.int64)], resume=True)
+
+
+def test_bad_search_settings_are_clear():
+    with pytest.raises(SearchError, match="allocation.offspring=0"):
+        EvolutionConfig(offspring=0)
+    with pytest.raises(SearchError, match=r"stages\[0\]\.survivors=9"):
+        EvolutionConfig(offspring=8, survivors=(9,))
+    with pytest.raises(SearchError, match="outside what the levels can reach"):
+        SearchSpace((0, 0), (1, 1), (1, 1), 3)
+
+
+# ------------------------------------------------------------------------------------------ grid
+
+
+def test_unstructured_grid_steps_remove_equal_weight_counts_and_keep_the_budget():
+    lm = build_tiny_model("tiny-llama")
+    params = {n: l.weight.numel() for n, l in prunable_layers(lm.model).items()}
+    unit_params = list(params.values())  # layer granularity: 64·64, 32·64, ..., 128·64 weights
+    grid = build_grid(unit_params, 0.7, Pattern.parse("unstructured"), (0.5, 0.9), 0.05)
+    removed = [grid.delta[u] * unit_params[u] for u in range(len(unit_params))]
+    assert all(r == pytest.approx(grid.step_weights) for r in removed)
+    rng = np.random.default_rng(0)
+    g = _feasible_genome(grid.space, rng)
+    for _ in range(20):
+        g = mutate(g, grid.space, rng, 3)
+        s = grid.sparsities(g)
+        assert all(0.5 - 1e-12 <= x <= 0.9 + 1e-12 for x in s)
+        assert np.dot(s, unit_params) / sum(unit_params) == pytest.approx(0.7, abs=1e-12)
+
+
+def test_mixed_nm_grid_levels_are_k_over_m_and_meet_the_target():
+    unit_params = [4096, 2048, 2048, 4096, 8192, 8192, 8192] * 2
+    grid = build_grid(unit_params, 0.75, Pattern.parse("N:8"), (0.5, 0.9), 0.025)
+    assert grid.achieved == 0.75
+    g = snap(grid.real_levels([0.75] * len(unit_params)), grid.space)
+    assert grid.sparsities(g) == [0.75] * len(unit_params)
+    assert set(grid.levels(0)) == {0.5, 0.625, 0.75, 0.875}
+
+
+def test_grid_too_coarse_names_the_fix():
+    with pytest.raises(AllocationError, match="allocation.step=0.9 is too coarse"):
+        build_grid([1000, 1000], 0.5, Pattern.parse("unstructured"), (0.4, 0.6), 0.9)
+
+
+# ------------------------------------------------------------------------------------------ candidates
+
+
+@pytest.mark.parametrize("pruner", [MagnitudePruner(), WandaPruner()], ids=["magnitude", "wanda"])
+@pytest.mark.parametrize("pattern", ["unstructured", "N:8", "2:4"])
+def test_thresholded_ranking_equals_prune_weight(pruner, pattern):
+    gen = torch.Generator().manual_seed(0)
+    # weights on a coarse grid (many exact ties, as in weights dequantised from 4-bit)
+    weight = torch.round(torch.randn(24, 64, generator=gen) * 4) / 4
+    from msp.pruners.stats import LayerStats
+
+    stats = LayerStats(64, need_hessian=False)
+    stats.add_batch(torch.randn(50, 64, generator=gen))
+    p = Pattern.parse(pattern)
+    rank = ranking_of(pruner.scores(weight, stats), p)
+    variants = RankingVariants({"w": weight}, {"w": rank}, p)
+    levels = [0.5] if p.kind == "nm" else ([k / 8 for k in range(8)] if p.kind == "mixed_nm" else [0.0, 0.1, 0.37, 0.5, 0.7, 0.93])
+    for s in levels:
+        expected = pruner.prune_weight(weight, stats, s, p)
+        assert torch.equal(variants.weight("w", s), expected), s
+        assert torch.equal(mask_from_ranking(rank, s, p), mask_from_scores(pruner.scores(weight, stats), s, p))
+
+
+def test_sparsegpt_store_holds_prune_weight_per_level(tmp_path):
+    lm = build_tiny_model("tiny-llama")
+    layers = prunable_layers(lm.model)
+    calib = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    pruner = SparseGPTPruner()
+    levels = {n: [0.3, 0.6] for n in layers}
+    store = precompute_variants(lm.model, layers, pruner, Pattern.parse("unstructured"), calib, torch.device("cpu"),
+                                levels=levels, store="disk", store_dir=tmp_path, store_dtype="float32")
+    assert isinstance(store, StoredVariants) and len(store.files) == 2 * len(layers)
+    # the same statistics through the ordinary pipeline hook, without pruning
+    expected = {}
+
+    def on_block(i, prefix, block, linears, stats):
+        for local, lin in linears.items():
+            expected[f"{prefix}.{i}.{local}"] = pruner.prune_weight(lin.weight.data, stats[local], 0.6, Pattern.parse("unstructured"))
+        return False
+
+    sequential_pass(lm.model, calib, torch.device("cpu"), on_block, need_hessian=True, batch_size=4)
+    for name in layers:
+        assert torch.equal(store.weight(name, 0.6), expected[name]), name
+        assert torch.equal(store.dense[name], layers[name].weight.data)
+    store.close()
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(SearchError, match="allocation.max_levels=1"):
+        precompute_variants(lm.model, layers, pruner, Pattern.parse("unstructured"), calib, torch.device("cpu"),
+                            levels=levels, max_levels=1)
+
+
+def test_candidate_swaps_only_changed_units_and_ppl_fitness_is_the_models_perplexity():
+    from msp.eval.perplexity import perplexity
+
+    lm = build_tiny_model("tiny-llama")
+    layers = prunable_layers(lm.model)
+    dense = {n: l.weight.detach().clone() for n, l in layers.items()}
+    variants = precompute_variants(lm.model, layers, MagnitudePruner(), Pattern.parse("unstructured"), None, torch.device("cpu"))
+    names = list(layers)
+    candidate = CandidateModel(layers, variants, [[n] for n in names], lambda u, l: 0.1 * l)
+    windows = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(2))
+    fitness = ModelFitness(lm.model, candidate, windows, [1, 3], torch.device("cpu"), metric="ppl")
+    genome = np.array([i % 8 for i in range(len(names))])
+    value = fitness(genome, 1)
+    assert value == pytest.approx(perplexity(lm.model, windows, torch.device("cpu"), batch_size=4), rel=1e-6)
+    assert candidate.swaps == len(names)
+    genome2 = genome.copy()
+    genome2[[0, 5]] = [3, 2]
+    fitness(genome2, 0)
+    assert candidate.swaps == len(names) + 2  # only the two changed layers were rewritten
+    for u, n in enumerate(names):
+        assert torch.equal(layers[n].weight.data, MagnitudePruner().prune_weight(dense[n], None, 0.1 * genome2[u], Pattern.parse("unstructured")))
+    candidate.restore()
+    assert all(torch.equal(layers[n].weight.data, dense[n]) for n in names)
+
+
+# ------------------------------------------------------------------------------------------ allocator on tiny-llama
+
+
+def _ctx(tmp_path, pruner=None, target=0.7, pattern="unstructured", seed=0) -> AllocationContext:
+    from msp import data as data_mod
+
+    lm = build_tiny_model("tiny-llama", seed=0)
+    gen = torch.Generator().manual_seed(seed)
+    return AllocationContext(
+        model=lm.model, layers=prunable_layers(lm.model), target=target, pattern=Pattern.parse(pattern),
+        device=torch.device("cpu"), pruner=pruner or WandaPruner(),
+        calibration_ids=torch.randint(0, 256, (4, 32), generator=gen), heldout_tokens=torch.randint(0, 256, (600,), generator=gen),
+        seqlen=32, seed=seed, run_dir=tmp_path, batch_size=4,
+    )
+
+
+SMALL = {"method": "msp", "granularity": "layer", "init": "uniform", "extra": [], "population": 3, "offspring": 5,
+         "stages": [{"tokens": 64, "survivors": 2}, {"tokens": 192}], "fitness_seqlen": 64, "step": 0.05}
+
+
+def test_search_lowers_the_fitness_on_tiny_llama_and_restores_the_dense_weights(tmp_path):
+    ctx = _ctx(tmp_path)
+    dense = {n: l.weight.detach().clone() for n, l in ctx.layers.items()}
+    alloc = build_allocation(ctx, {**SMALL, "generations": 6})
+    report = ctx.extras["search"]
+    assert report["best_fitness"] < report["initial_fitness"]
+    assert report["history"][-1]["best"] == report["best_fitness"]
+    assert len(report["history"]) == 7 and report["generations"] == 6
+    assert alloc.method == "msp" and set(alloc.sparsities) == set(ctx.layers)
+    assert alloc.weighted_mean(ctx.params) == pytest.approx(0.7, abs=1e-12)
+    assert len(set(alloc.sparsities.values())) > 1
+    assert all(torch.equal(ctx.layers[n].weight, dense[n]) for n in dense)
+    assert (tmp_path / STATE_FILE).exists()
+
+
+def test_allocator_resume_continues_to_the_same_allocation(tmp_path):
+    fresh = build_allocation(_ctx(tmp_path / "fresh"), {**SMALL, "generations": 4})
+    # a run stopped after 2 generations has exactly this checkpoint (generations does not change the dynamics)
+    build_allocation(_ctx(tmp_path / "killed"), {**SMALL, "generations": 2})
+    ctx = _ctx(tmp_path / "killed")
+    resumed = build_allocation(ctx, {**SMALL, "generations": 4, "resume": True})
+    assert ctx.extras["search"]["resumed_from"] == 2
+    assert resumed.sparsities == fresh.sparsities
+    # from another run dir, and a checkpoint of another configuration fails before any heavy work
+    other = _ctx(tmp_path / "elsewhere", target=0.6)
+    with pytest.raises(AllocationError, match=r"differs in: .*target"):
+        build_allocation(other, {**SMALL, "generations": 4, "resume": True, "resume_from": str(tmp_path / "killed")})
+
+
+def test_mixed_nm_search_and_fixed_nm_fallback(tmp_path):
+    ctx = _ctx(tmp_path, target=0.75, pattern="N:8")
+    alloc = build_allocation(ctx, {**SMALL, "generations": 2})
+    assert all(abs(s * 8 - round(s * 8)) < 1e-9 for s in alloc.sparsities.values())
+    assert alloc.weighted_mean(ctx.params) == pytest.approx(0.75, abs=1e-12)
+    ctx = _ctx(tmp_path, pattern="2:4")
+    alloc = build_allocation(ctx, {**SMALL})
+    assert set(alloc.sparsities.values()) == {0.5} and "skipped" in ctx.extras["search"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"step": 0.9}, "allocation.step=0.9 is too coarse"),
+        ({"min": 0.75}, "allocation.min=0.75"),
+        ({"stages": [{"tokens": 5000}]}, "raise data.heldout_fraction"),
+        ({"candidates": "ranking", "_pruner": SparseGPTPruner()}, "allocation.candidates=ranking needs a score-based pruner"),
+        ({"fitness": "bleu"}, "allocation.fitness='bleu' is unknown; valid: kl, ppl"),
+        ({"granularity": "head"}, "allocation.granularity='head' is unknown"),
+    ],
+)
+def test_bad_search_input_fails_before_heavy_work(tmp_path, override, message):
+    override = dict(override)
+    ctx = _ctx(tmp_path, pruner=override.pop("_pruner", None))
+    with pytest.raises(AllocationError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        build_allocation(ctx, {**SMALL, **override})
+    assert not (tmp_path / STATE_FILE).exists()
+
+
+def test_block_units_group_each_blocks_layers(tmp_path):
+    ctx = _ctx(tmp_path)
+    names, units = search_units(ctx, "block")
+    assert names == ["model.layers.0", "model.layers.1"]
+    assert [len(u) for u in units] == [7, 7] and sorted(sum(units, [])) == sorted(ctx.layers)
