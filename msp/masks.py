@@ -101,16 +101,22 @@ def prune_count(numel_per_row: int, sparsity: float) -> int:
 def topk_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep-mask removing exactly ``prune_count(cols, sparsity)`` lowest scores of every row.
 
-    A stable sort breaks ties by column index, so counts stay exact under ties.
+    Ties are broken by column index (lowest index pruned first), so counts stay exact under ties. This is the
+    mask a stable sort would give, found with a selection instead of a full sort (O(cols) per row):
+    t = the k-th smallest score of the row; prune every score < t, then the first (k − #{< t}) scores == t.
     """
     rows, cols = scores.shape
     k = prune_count(cols, sparsity)
-    mask = torch.ones_like(scores, dtype=torch.bool)
     if k == 0:
-        return mask
-    order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-    mask.scatter_(1, order, False)
-    return mask
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k >= cols:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    below = scores < threshold
+    at = scores == threshold
+    room = k - below.sum(dim=1, keepdim=True)  # how many of the ties at the threshold are pruned
+    prune = below | (at & (torch.cumsum(at, dim=1) <= room))
+    return ~prune
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -135,7 +141,7 @@ def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: Pattern) ->
 
 
 def sparsity_of(weight: torch.Tensor) -> float:
-    return float((weight == 0).sum().item()) / weight.numel()
+    return 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
 
 
 def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from msp.models import block_linears, find_blocks
-from msp.pruners.stats import LayerStats
+from msp.pruners.stats import LayerStats, StatsUpdate, input_update
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,65 @@ def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, store
 BlockCallback = Callable[[int, str, nn.Module, dict[str, nn.Linear], dict[str, LayerStats]], "bool | None"]
 
 
+def collect_block_stats(
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    inputs: BlockInputs,
+    device: torch.device,
+    store_device: torch.device,
+    need_hessian: bool,
+    keep_outputs: bool = True,
+) -> tuple[dict[str, LayerStats], list[torch.Tensor] | None]:
+    """Run the stored inputs through ``block`` with forward pre-hooks accumulating each Linear's input statistics.
+
+    Layers that read the *same* input tensor (q/k/v, gate/up) share one computation of Σx² and XᵀX per batch.
+    Without ``keep_outputs`` the block's outputs are not needed, so after the first batch has shown the order in
+    which the Linear layers run (each exactly once), later batches stop right after the last Linear's input is
+    recorded — that layer's matmul and everything after it are skipped. Hooks are always removed.
+    Returns (statistics by local layer name, the block's outputs per batch or None).
+    """
+    stats = {name: LayerStats(lin.in_features, need_hessian) for name, lin in linears.items()}
+    shared: dict[int, tuple[torch.Tensor, StatsUpdate]] = {}
+    order: list[str] = []
+    stop_after: list[str | None] = [None]
+
+    def make_hook(name: str):
+        def hook(module, args):
+            x = args[0]
+            hit = shared.get(id(x))
+            if hit is None or hit[0] is not x:
+                hit = (x, input_update(x, need_hessian))
+                shared[id(x)] = hit
+            stats[name].add_update(hit[1])
+            order.append(name)
+            if name == stop_after[0]:
+                raise _StopForward
+
+        return hook
+
+    handles = []
+    outputs: list[torch.Tensor] | None = [] if keep_outputs else None
+    try:
+        for name, lin in linears.items():
+            handles.append(lin.register_forward_pre_hook(make_hook(name)))
+        for b, (hidden, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+            shared.clear()
+            order.clear()
+            try:
+                out = block(hidden.to(device), **_to(kw, device))
+                if outputs is not None:
+                    outputs.append(_block_output(out).detach().to(store_device))
+            except _StopForward:
+                pass
+            if b == 0 and not keep_outputs and len(order) == len(linears) == len(set(order)):
+                stop_after[0] = order[-1]
+    finally:
+        for h in handles:
+            h.remove()
+        shared.clear()
+    return stats, outputs
+
+
 @torch.no_grad()
 def sequential_pass(
     model: nn.Module,
@@ -135,6 +194,7 @@ def sequential_pass(
     store_device: torch.device | None = None,
     offload_device: torch.device | None = None,
     desc: str = "blocks",
+    modifies_blocks: bool = False,
 ) -> None:
     """Visit every decoder block once, in order.
 
@@ -142,6 +202,11 @@ def sequential_pass(
     its Linear layers accumulating :class:`LayerStats`; call ``on_block(i, prefix, block, linears, stats)``;
     if ``propagate``, run the (now possibly modified) block again to produce the next block's inputs; move
     the block back to ``offload_device`` (its original device by default).
+
+    ``modifies_blocks=True`` promises that ``on_block`` changes every block (pruning), so the statistics pass
+    need not keep the block's dense outputs and stops after its last Linear layer's input (see
+    :func:`collect_block_stats`); when the callback returns False the block is simply run again. With the
+    default False, a callback returning False reuses the statistics pass's outputs (no second run).
     """
     prefix, blocks = find_blocks(model)
     store_device = store_device or device
@@ -154,28 +219,15 @@ def sequential_pass(
         linears = block_linears(block)
         stats: dict[str, LayerStats] = {}
         dense_outputs = None
+        last = i + 1 == len(blocks)
         if collect_stats and inputs is not None:
-            stats = {name: LayerStats(lin.in_features, need_hessian) for name, lin in linears.items()}
-            handles = []
-
-            def make_hook(name: str):
-                def hook(module, args, output):
-                    stats[name].add_batch(args[0])
-
-                return hook
-
-            try:
-                for name, lin in linears.items():
-                    handles.append(lin.register_forward_hook(make_hook(name)))
-                bar.set_description(f"{desc} {i + 1}/{len(blocks)}: calibrating")
-                dense_outputs = run_block(block, inputs, device, store_device)
-            finally:
-                for h in handles:
-                    h.remove()
+            bar.set_description(f"{desc} {i + 1}/{len(blocks)}: calibrating")
+            keep = propagate and not last and not modifies_blocks
+            stats, dense_outputs = collect_block_stats(block, linears, inputs, device, store_device, need_hessian, keep_outputs=keep)
         bar.set_description(f"{desc} {i + 1}/{len(blocks)}: processing")
         changed = on_block(i, prefix, block, linears, stats)
         del stats
-        if propagate and inputs is not None and i + 1 < len(blocks):
+        if propagate and inputs is not None and not last:
             if changed is False and dense_outputs is not None:
                 inputs.hidden = dense_outputs  # the block is unchanged: its first run's outputs are the answer
             else:

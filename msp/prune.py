@@ -86,6 +86,7 @@ def prune_(
         batch_size=batch_size,
         store_device=store_device,
         desc=f"pruning ({pruner.name})",
+        modifies_blocks=True,
     )
     return reports
 

@@ -112,15 +112,14 @@ def sparsegpt_prune(
                 sal = _saliency(w1[:, i : i + pattern.m], d1[i : i + pattern.m], hdiag[i1 + i : i1 + i + pattern.m], saliency)
                 drop = torch.sort(sal, dim=1, stable=True).indices[:, : pattern.m - pattern.n]
                 prune1[:, i : i + pattern.m].scatter_(1, drop, True)
-            q = col.clone()
-            q[prune1[:, i]] = 0
+            # masked_fill / where instead of boolean indexing: no data-dependent shapes, so no host sync on a GPU
+            q = col.masked_fill(prune1[:, i], 0.0)
             if qparams is not None:
                 scale, zero, maxq = qparams
-                kept = ~prune1[:, i]
-                q[kept] = quantize(q[kept], scale[kept], zero[kept], maxq)
+                q = torch.where(prune1[:, i], q, quantize(q, scale, zero, maxq))
             q1[:, i] = q
             err = (col - q) / d
-            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1.0)  # w1[:, i:] -= err ⊗ Hinv[i, i:]
             err1[:, i] = err
         w[:, i1:i2] = q1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
