@@ -360,6 +360,29 @@ def test_bad_search_input_fails_before_heavy_work(tmp_path, override, message):
     assert not (tmp_path / STATE_FILE).exists()
 
 
+@pytest.mark.parametrize(
+    "override, pattern, message",
+    [
+        ({"step": 0.5}, "unstructured", "allocation.step=0.5 is too coarse for sparsity=0.7 within [0.5, 0.9]"),
+        ({"spread": 0.05}, "N:8", "pattern=N:8 is too coarse for a search within allocation bounds [0.65, 0.75]"),
+        ({"stages": [{"tokens": 256}, {"tokens": 512}]}, "unstructured", "allocation.stages[0] needs 'survivors'"),
+        ({"extra": ["random"]}, "unstructured", "allocation.extra has unknown individual(s) ['random']; valid: uniform, owl"),
+        ({"resume": True, "resume_from": "/nonexistent/run"}, "unstructured", "allocation.resume_from=/nonexistent/run: no search_state.json"),
+    ],
+)
+def test_search_options_are_checked_before_the_model_is_loaded(override, pattern, message):
+    import yaml
+
+    from msp.allocation.build import check_allocation_options
+    from msp.cli import CONF_DIR
+
+    options = {**yaml.safe_load(open(f"{CONF_DIR}/allocation/msp.yaml")), **override}
+    check_allocation_options({k: v for k, v in options.items() if k not in override}, 0.7, Pattern.parse(pattern))  # the shipped defaults pass
+    with pytest.raises(AllocationError) as err:
+        check_allocation_options(options, 0.7, Pattern.parse(pattern))
+    assert message in str(err.value)
+
+
 def test_block_units_group_each_blocks_layers(tmp_path):
     ctx = _ctx(tmp_path)
     names, units = search_units(ctx, "block")

@@ -126,6 +126,12 @@ def check_allocation_options(options: dict, target: float, pattern: Pattern) -> 
     bounds = bounds_from(options, target)
     if pattern.kind == "mixed_nm":
         check_grid(target, pattern.m, bounds)
+    if method in OPTION_CHECKS:
+        OPTION_CHECKS[method](options, target, pattern)
+
+
+#: allocator name → its own early (model-free) option check, registered by plugins (e.g. msp.search.allocator)
+OPTION_CHECKS: dict[str, Callable[[dict, float, Pattern], None]] = {}
 
 
 #: option → (kind, example) for the options the built-in allocators share

@@ -31,7 +31,7 @@ import numpy as np
 
 from msp import data as data_mod
 from msp.allocation.base import Allocation, AllocationError
-from msp.allocation.build import AllocationContext, build_allocation, register
+from msp.allocation.build import OPTION_CHECKS, AllocationContext, build_allocation, register
 from msp.masks import Pattern
 from msp.models import find_blocks, layer_block_index
 from msp.search.evolution import Evolution, EvolutionConfig, SearchError, SearchSpace, mutate, snap
@@ -252,6 +252,107 @@ def _checkpoint_source(options: dict, run_dir: Path | None) -> Path | None:
     return run_dir / STATE_FILE if run_dir is not None else None
 
 
+@dataclass
+class Settings:
+    """The validated ``allocation.*`` options of a search (model-free)."""
+
+    granularity: str
+    init: str
+    init_options: dict
+    extra: list[str]
+    metric: str
+    step: float
+    bounds: tuple[float, float]
+    tokens: list[int]
+    survivors: list[int]
+    fitness_seqlen: int
+    fitness_batch_size: int
+    max_levels: int
+    init_swaps: int
+    candidates: str
+    store: str
+    store_dtype: str
+    variant_nsamples: int | None
+    config: EvolutionConfig
+    resume: bool
+
+
+def parse_options(options: dict, target: float, pattern: Pattern, seed: int = 0) -> Settings:
+    """Check every search option without a model (called early by :func:`check_options` and again by the
+    allocator); each problem is one :class:`AllocationError` naming the override that fixes it."""
+    from msp.search.fitness import MODES, STORES, _STORE_DTYPES
+
+    target = float(target)
+    granularity = _choice(options, "granularity", GRANULARITIES)
+    init = _choice(options, "init", INITS)
+    init_options = _opt(options, "init_options") or {}
+    if not isinstance(init_options, dict):
+        raise AllocationError(f"allocation.init_options={init_options!r} must be a mapping, e.g. allocation.init_options={{beta: 0.05}}")
+    extra = _opt(options, "extra") or []
+    extra = [str(e) for e in ([extra] if isinstance(extra, str) else extra)]
+    bad = [e for e in extra if e not in EXTRAS]
+    if bad:
+        raise AllocationError(f"allocation.extra has unknown individual(s) {bad}; valid: {', '.join(EXTRAS)}")
+    metric = _choice(options, "fitness", METRICS)
+    candidates = _choice(options, "candidates", MODES)
+    store = _choice(options, "store", STORES)
+    store_dtype = _choice(options, "store_dtype", tuple(_STORE_DTYPES))
+    step = _float(options, "step")
+    if not 0 < step < 1:
+        raise AllocationError(f"allocation.step={step} must be in (0, 1), e.g. allocation.step=0.025")
+    bounds = _bounds(options, target)
+    if pattern.kind == "unstructured" and granularity == "block" and step > max(bounds[1] - target, target - bounds[0]) + 1e-12:
+        # blocks of one model have equal sizes, so every block's level step is `step`
+        raise AllocationError(
+            f"allocation.step={step} is too coarse for sparsity={target} within [{bounds[0]:g}, {bounds[1]:g}]: no block can move one level; "
+            f"use a smaller allocation.step, e.g. {step / 4:g}, or widen allocation.min/max"
+        )
+    if pattern.kind == "mixed_nm":
+        m = pattern.m
+        kmin, kmax = math.ceil(bounds[0] * m - 1e-9), min(math.floor(bounds[1] * m + 1e-9), m - 1)
+        if kmin >= kmax:
+            raise AllocationError(
+                f"pattern=N:{m} is too coarse for a search within allocation bounds [{bounds[0]:g}, {bounds[1]:g}]: "
+                f"{'no level' if kmin > kmax else 'a single level'} k/{m} fits; widen allocation.min/max (or allocation.spread) or use a larger M"
+            )
+    tokens, survivors = _stages(options)
+    variant_nsamples = options.get("variant_nsamples")
+    try:
+        config = EvolutionConfig(
+            generations=_int(options, "generations", 0), population=_int(options, "population", 1),
+            offspring=_int(options, "offspring", 1), survivors=tuple(survivors), crossover=_float(options, "crossover"),
+            max_swaps=_int(options, "max_swaps", 1), seed=int(options["seed"]) if options.get("seed") is not None else int(seed),
+        )
+    except SearchError as exc:
+        raise AllocationError(str(exc)) from None
+    return Settings(
+        granularity=granularity, init=init, init_options=dict(init_options), extra=extra, metric=metric, step=step, bounds=bounds,
+        tokens=tokens, survivors=survivors, fitness_seqlen=_int(options, "fitness_seqlen", 2),
+        fitness_batch_size=_int(options, "fitness_batch_size", 1), max_levels=_int(options, "max_levels", 2),
+        init_swaps=_int(options, "init_swaps", 1), candidates=candidates, store=store, store_dtype=store_dtype,
+        variant_nsamples=None if variant_nsamples is None else _int(options, "variant_nsamples", 1), config=config,
+        resume=bool(options.get("resume", False)),
+    )
+
+
+def check_options(options: dict, target: float, pattern: Pattern) -> None:
+    """Early (before the model is loaded) checks of ``allocation=msp``: options, bounds, grid, and that an
+    explicit ``allocation.resume_from`` holds a readable checkpoint."""
+    if pattern.kind == "nm":
+        return  # falls back to the uniform allocation (with a warning)
+    parse_options(options, target, pattern)
+    src = options.get("resume_from")
+    if src and options.get("resume"):
+        path = _checkpoint_source(options, None)
+        if path is None or not path.exists():
+            raise AllocationError(
+                f"allocation.resume_from={src}: no {STATE_FILE} there; give the run dir of the search to continue (or its {STATE_FILE})"
+            )
+
+
+OPTION_CHECKS["msp"] = check_options
+
+
 @register("msp")
 def msp_allocator(ctx: AllocationContext, options: dict) -> Allocation:
     """Sensitivity-initialised evolutionary search; see the module docstring."""
@@ -259,31 +360,14 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocation:
         return _fixed_pattern(ctx)
     started = time.perf_counter()
     target = float(ctx.target)
-    granularity = _choice(options, "granularity", GRANULARITIES)
-    init = _choice(options, "init", INITS)
-    extra = [str(e) for e in (_opt(options, "extra") or [])]
-    bad = [e for e in extra if e not in EXTRAS]
-    if bad:
-        raise AllocationError(f"allocation.extra has unknown individual(s) {bad}; valid: {', '.join(EXTRAS)}")
-    metric = _choice(options, "fitness", METRICS)
-    step = _float(options, "step")
-    if not 0 < step < 1:
-        raise AllocationError(f"allocation.step={step} must be in (0, 1), e.g. allocation.step=0.025")
-    bounds = _bounds(options, target)
-    tokens, survivors = _stages(options)
-    fitness_seqlen = _int(options, "fitness_seqlen", 2)
-    max_levels = _int(options, "max_levels", 2)
-    seed = int(options["seed"]) if options.get("seed") is not None else int(ctx.seed)
+    st = parse_options(options, target, ctx.pattern, ctx.seed)
+    granularity, init, extra, metric, step, bounds = st.granularity, st.init, st.extra, st.metric, st.step, st.bounds
+    tokens, fitness_seqlen, max_levels, config, init_swaps = st.tokens, st.fitness_seqlen, st.max_levels, st.config, st.init_swaps
+    seed = config.seed
     try:
-        config = EvolutionConfig(
-            generations=_int(options, "generations", 0), population=_int(options, "population", 1),
-            offspring=_int(options, "offspring", 1), survivors=tuple(survivors), crossover=_float(options, "crossover"),
-            max_swaps=_int(options, "max_swaps", 1), seed=seed,
-        )
-        mode = resolve_mode(str(_opt(options, "candidates")), ctx.pruner)
+        mode = resolve_mode(st.candidates, ctx.pruner)
     except SearchError as exc:
         raise AllocationError(str(exc)) from None
-    init_swaps = _int(options, "init_swaps", 1)
 
     unit_names, units = search_units(ctx, granularity)
     if len(units) < 2:
@@ -314,15 +398,14 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocation:
     windows = data_mod.sequential_windows(heldout, fitness_seqlen, max(windows_per_stage))
 
     checkpoint = ctx.run_dir / STATE_FILE if ctx.run_dir is not None else None
-    resume = bool(options.get("resume", False))
+    resume = st.resume
     source = _checkpoint_source(options, ctx.run_dir)
     fields = {
         "context": {k: str(v) for k, v in sorted(ctx.cache_fields.items())},
         "pruner": repr(ctx.pruner), "pattern": str(ctx.pattern), "target": target, "granularity": granularity,
-        "layers": [len(params), sum(params.values())], "init": init, "init_options": dict(_opt(options, "init_options") or {}),
+        "layers": [len(params), sum(params.values())], "init": init, "init_options": st.init_options,
         "extra": extra, "init_swaps": init_swaps, "fitness": metric, "fitness_seqlen": fitness_seqlen, "stage_tokens": tokens,
-        "candidates": mode, "store_dtype": str(_opt(options, "store_dtype")) if mode == "store" else None,
-        "variant_nsamples": options.get("variant_nsamples"),
+        "candidates": mode, "store_dtype": st.store_dtype if mode == "store" else None, "variant_nsamples": st.variant_nsamples,
     }
     describe = _describer(grid, unit_names)
 
@@ -341,8 +424,8 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocation:
     # ---- precompute: variants from one dense calibration pass, dense reference log-probs
     t0, c0 = time.perf_counter(), time.process_time()
     calibration = ctx.calibration_ids
-    if options.get("variant_nsamples") is not None and calibration is not None:
-        calibration = calibration[: _int(options, "variant_nsamples", 1)]
+    if st.variant_nsamples is not None and calibration is not None:
+        calibration = calibration[: st.variant_nsamples]
     layer_levels = None
     if mode == "store":
         layer_levels = {name: grid.levels(u) for u, names in enumerate(units) for name in names}
@@ -350,14 +433,14 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocation:
     try:
         variants = precompute_variants(
             ctx.model, ctx.layers, ctx.pruner, ctx.pattern, calibration, ctx.device, mode=mode, levels=layer_levels,
-            store=str(_opt(options, "store")), store_dir=store_dir, store_dtype=str(_opt(options, "store_dtype")),
+            store=st.store, store_dir=store_dir, store_dtype=st.store_dtype,
             max_levels=max_levels, batch_size=ctx.batch_size,
         )
     except SearchError as exc:
         raise AllocationError(str(exc)) from None
     candidate = CandidateModel(ctx.layers, variants, units, grid.sparsity)
     try:
-        fitness = ModelFitness(ctx.model, candidate, windows, windows_per_stage, ctx.device, metric, _int(options, "fitness_batch_size", 1))
+        fitness = ModelFitness(ctx.model, candidate, windows, windows_per_stage, ctx.device, metric, st.fitness_batch_size)
         precompute_seconds, precompute_cpu = time.perf_counter() - t0, time.process_time() - c0
         log.info("search: precompute (%s variants, dense reference) took %.1f s", mode, precompute_seconds)
         evolution.fitness = fitness
@@ -371,7 +454,7 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocation:
             if init == "uniform":
                 first = uniform
             else:
-                first = _snap_allocation(ctx, init, dict(_opt(options, "init_options") or {}), granularity, bounds, grid, units, params)
+                first = _snap_allocation(ctx, init, st.init_options, granularity, bounds, grid, units, params)
             named[init] = first
             genomes = [first]
             for e in extra:
@@ -467,4 +550,4 @@ def _describer(grid: Grid, unit_names: list[str]):
     return describe
 
 
-__all__ = ["msp_allocator", "build_grid", "Grid", "search_units", "STATE_FILE", "DEFAULTS"]
+__all__ = ["msp_allocator", "check_options", "parse_options", "Settings", "build_grid", "Grid", "search_units", "STATE_FILE", "DEFAULTS"]
