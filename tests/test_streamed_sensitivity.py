@@ -38,3 +38,22 @@ def test_streamed_fisher_subset_of_layers_and_raw_traces(cpu):
         assert raw[name] == pytest.approx(ref[name], rel=1e-5)
     with pytest.raises(ValueError, match="decoder blocks only"):
         streamed_fisher_trace(model, windows, cpu, layers={"lm_head": model.lm_head})
+
+
+def test_streamed_hessian_equals_in_memory_hutchinson(cpu):
+    """Same probes (seeded generator, same draw order) → the same estimate; the forward-over-reverse recursion is
+    exact, so only rounding differs. Traces can be negative, hence the tolerance relative to the largest one."""
+    from msp.sensitivity.hessian import hessian_trace
+    from msp.sensitivity.streamed import streamed_hessian_trace
+
+    model = build_tiny_model("tiny-llama", seed=0).model
+    windows = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    reference = hessian_trace(model, windows, cpu, probes=2, seed=3)
+    streamed = streamed_hessian_trace(model, windows, cpu, probes=2, seed=3, windows_per_pass=1)
+    scale = max(abs(v) for v in reference.values())
+    assert scale > 0 and set(streamed) == set(reference)
+    for name in reference:
+        assert abs(streamed[name] - reference[name]) <= 1e-5 * scale, name
+    one = streamed_hessian_trace(model, windows, cpu, probes=1, seed=4, nsamples=1)  # other probes, other estimate
+    assert any(abs(one[n] - streamed[n]) > 1e-3 * scale for n in streamed)
+    assert all(p.grad is None for p in model.parameters())
