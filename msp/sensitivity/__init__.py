@@ -61,10 +61,9 @@ def compute_sensitivity(ctx, method: str, options: Mapping[str, Any] | None = No
     plan = ctx.extras.get("streaming")
     streamed = bool(getattr(plan, "stream", False))
     store_device = getattr(plan, "store", None) if streamed else None
-    # gradients need the whole model in one place: a streamed (CPU-resident) model is differentiated where it lives
-    grad_device = next(ctx.model.parameters()).device if streamed else ctx.device
-    if streamed and method != "owl":
-        log.warning("%s sensitivity on a streamed model: computing on %s, where the model lives (slow)", method, grad_device)
+    grad_device = ctx.device
+    if streamed and method != "owl":  # no whole-model graph: blocks visit the device one at a time (msp.sensitivity.streamed)
+        log.info("%s sensitivity on a streamed model: block-streamed forward/backward on %s", method, ctx.device)
     if method in ("fisher", "hessian"):
         from msp.sensitivity._grad import windows_to_use
 
@@ -74,15 +73,25 @@ def compute_sensitivity(ctx, method: str, options: Mapping[str, Any] | None = No
         fields: dict[str, Any] = {"windows": int(used.shape[0])}
         if method == "fisher":
             from msp.sensitivity.fisher import fisher_trace
+            from msp.sensitivity.streamed import streamed_fisher_trace
 
-            compute = lambda: fisher_trace(ctx.model, used, grad_device, normalize=False, layers=layers)  # noqa: E731
+            if streamed:  # same values as fisher_trace (tests/test_streamed_sensitivity.py), so the cache entry is shared
+                compute = lambda: streamed_fisher_trace(ctx.model, used, grad_device, normalize=False, layers=layers, store_device=store_device)  # noqa: E731
+            else:
+                compute = lambda: fisher_trace(ctx.model, used, grad_device, normalize=False, layers=layers)  # noqa: E731
         else:
             from msp.sensitivity.hessian import hessian_trace
 
             probes = int(_opt(options, "probes", 4))
             probe_seed = int(_opt(options, "seed", ctx.seed))
             fields.update(probes=probes, probe_seed=probe_seed)
-            compute = lambda: hessian_trace(ctx.model, used, grad_device, probes=probes, normalize=False, seed=probe_seed, layers=layers)  # noqa: E731
+            if streamed:
+                from msp.sensitivity.streamed import streamed_hessian_trace
+
+                compute = lambda: streamed_hessian_trace(ctx.model, used, grad_device, probes=probes, normalize=False, seed=probe_seed,  # noqa: E731
+                                                         layers=layers, store_device=store_device)
+            else:
+                compute = lambda: hessian_trace(ctx.model, used, grad_device, probes=probes, normalize=False, seed=probe_seed, layers=layers)  # noqa: E731
         raw = _cached(ctx, method, fields, compute)
         values = {n: raw[n] / layers[n].weight.numel() if normalize else raw[n] for n in layers}
     else:
