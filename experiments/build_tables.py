@@ -236,7 +236,7 @@ def zeroshot_note(runs: list[dict]) -> str:
                    for t, p in tasks.items()})
     if srcs:
         parts.append("data: " + "; ".join(srcs))
-    return ("Accuracy (%), 0-shot. " + ". ".join(parts) + ".") if parts else "Accuracy (%), 0-shot."
+    return "; ".join(["Accuracy (%), 0-shot", *parts]) + "."
 
 
 def build(runs: list[dict], name: str) -> dict[str, str]:

@@ -1,0 +1,147 @@
+"""The table builder on hand-made fixture runs: exact markdown and CSV, dense reference, averaging of repeats,
+zero-shot table, skip_done pointers, de-duplication by config hash, W&B copies ignored, plots written, atomic
+replacement of an older output folder."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "experiments" / "build_tables.py"
+
+
+def layers(profile: list[float]) -> list[dict]:
+    return [{"name": f"model.layers.{i}.mlp.down_proj", "params": 100, "target": s, "measured": s, "pattern": "unstructured"}
+            for i, s in enumerate(profile)]
+
+
+def run(folder: Path, *, pruner: str, allocation: str, sparsity: float, ppl: float, h: str, zs: dict | None = None,
+        dense_zs: dict | None = None, search: list | None = None, seed: int = 0) -> Path:
+    res = {
+        "model": "tiny", "pruner": pruner, "allocation": allocation, "pattern": "unstructured",
+        "target_sparsity": sparsity, "sparsity": sparsity, "seed": seed,
+        "dense_ppl": {"wiki": 10.0}, "ppl": {"wiki": ppl},
+        "layers": layers([sparsity - 0.1, sparsity + 0.1] if allocation != "uniform" else [sparsity, sparsity]),
+        "data": {"calibration": "book", "nsamples": 4, "seqlen": 64, "eval_windows": {"wiki": 4}},
+        "timings": {"total": 1.0}, "config_hash": h,
+    }
+    if zs is not None:
+        res["zeroshot"] = zs
+        res["zeroshot_source"] = {"tasks": {"boolq": {"source": "embedded", "split": "validation", "builtin_split": "validation"},
+                                            "arc_easy": {"source": "embedded", "split": "validation", "builtin_split": "test"}},
+                                  "limit": 20}
+    if dense_zs is not None:
+        res["dense_zeroshot"] = dense_zs
+    if search is not None:
+        res["search"] = {"history": search}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(res))
+    return folder / "results.json"
+
+
+@pytest.fixture
+def fixture_runs(tmp_path) -> Path:
+    root = tmp_path / "sweep"
+    zs = lambda b, a: {"boolq": {"acc": b, "acc_stderr": 0.1}, "arc_easy": {"acc": a, "acc_norm": a + 0.01}, "mean": (a + b) / 2}  # noqa: E731
+    run(root / "0", pruner="wanda", allocation="uniform", sparsity=0.5, ppl=12.0, h="a", zs=zs(0.6, 0.5), dense_zs=zs(0.7, 0.6))
+    run(root / "1", pruner="wanda", allocation="uniform", sparsity=0.7, ppl=40.0, h="b")
+    run(root / "2", pruner="wanda", allocation="owl", sparsity=0.5, ppl=11.0, h="c", zs=zs(0.65, 0.55))
+    run(root / "3", pruner="wanda", allocation="owl", sparsity=0.7, ppl=30.0, h="d",
+        search=[{"generation": 0, "best": 2.0, "mean": 2.5}, {"generation": 1, "best": 1.5, "mean": 2.0}])
+    # a second seed of wanda@0.7 (different hash): averaged with run 1 → 50.0
+    run(root / "4", pruner="wanda", allocation="uniform", sparsity=0.7, ppl=60.0, h="e", seed=1)
+    # an older run with hash "a" elsewhere: the newer one (run 0) wins
+    old = run(tmp_path / "old" / "0", pruner="wanda", allocation="uniform", sparsity=0.5, ppl=999.0, h="a")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    # a skip_done pointer to a finished run outside the sweep folder
+    ext = run(tmp_path / "elsewhere" / "0", pruner="magnitude", allocation="uniform", sparsity=0.5, ppl=100.0, h="f")
+    (root / "5").mkdir()
+    (root / "5" / "skipped.json").write_text(json.dumps({"config_hash": "f", "existing": str(ext)}))
+    # W&B's copy of a results.json must not count twice
+    (root / "2" / "wandb" / "offline-run-x" / "files").mkdir(parents=True)
+    (root / "2" / "wandb" / "offline-run-x" / "files" / "results.json").write_text((root / "2" / "results.json").read_text())
+    return tmp_path
+
+
+EXPECTED_MD = """\
+# grid
+
+Built by `experiments/build_tables.py` from 6 runs. Perplexity: lower is better; dense = the unpruned model. Columns are target sparsities.
+
+## tiny
+
+Calibration: book, 4 x 64 tokens. Evaluation windows of 64 tokens: wiki 4.
+
+### Perplexity on wiki
+
+| method | 50% | 70% |
+|---|---:|---:|
+| dense | 10.00 | 10.00 |
+| magnitude | 100.00 | – |
+| wanda | 12.00 | 50.00 |
+| wanda + owl | 11.00 | 30.00 |
+
+### Zero-shot accuracy
+
+Accuracy (%), 0-shot; first 20 examples per task (zeroshot.limit); data: arc_easy: embedded validation (lm-eval default: test); boolq: embedded validation.
+
+| method | boolq | arc_easy | mean |
+|---|---:|---:|---:|
+| dense | 70.00 | 60.00 | 65.00 |
+| wanda @ 50% | 60.00 | 50.00 | 55.00 |
+| wanda + owl @ 50% | 65.00 | 55.00 | 60.00 |
+"""
+
+
+def build(paths: list[Path], out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BUILD), *map(str, paths), "--name", "grid", "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_builder_writes_the_expected_markdown_csv_and_plots(fixture_runs):
+    out = fixture_runs / "tables"
+    (out / "grid").mkdir(parents=True)
+    (out / "grid" / "stale.txt").write_text("from an older build")
+    proc = build([fixture_runs / "sweep"], out)
+    assert proc.returncode == 0, proc.stderr
+    folder = out / "grid"
+    assert (folder / "README.md").read_text() == EXPECTED_MD
+    assert (folder / "ppl_wiki.csv").read_text() == (
+        "model,method,50%,70%\n"
+        "tiny,dense,10.0,10.0\n"
+        "tiny,magnitude,100.0,\n"
+        "tiny,wanda,12.0,50.0\n"
+        "tiny,wanda + owl,11.0,30.0\n"
+    )
+    assert (folder / "zeroshot.csv").read_text().splitlines()[:2] == [
+        "model,method,boolq,arc_easy,mean", "tiny,dense,70.0,60.0,65.0"]
+    assert len((folder / "runs.csv").read_text().splitlines()) == 1 + 6
+    for png in ("ppl_tiny_wiki.png", "layers_tiny.png", "search_tiny.png"):
+        assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert not (folder / "stale.txt").exists()  # the old folder was replaced as a whole
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp folders left behind
+
+
+def test_builder_without_runs_fails_in_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = build([tmp_path / "empty"], tmp_path / "tables")
+    assert proc.returncode == 1 and "no results.json under" in proc.stderr
+    assert not (tmp_path / "tables" / "grid").exists()
+
+
+def test_dedup_keeps_the_newest_run_of_a_config_hash(fixture_runs):
+    sys.path.insert(0, str(BUILD.parent))
+    try:
+        import build_tables
+    finally:
+        sys.path.pop(0)
+    runs = build_tables.load_runs([fixture_runs / "sweep", fixture_runs / "old"])
+    a = [r for r in runs if r["config_hash"] == "a"]
+    assert len(a) == 1 and a[0]["ppl"]["wiki"] == 12.0
+    assert len(runs) == 6
