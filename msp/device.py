@@ -136,16 +136,20 @@ _PROC_CLEAR_REFS = "/proc/self/clear_refs"
 _process_peak_rss = 0  # the lifetime peak, kept across resets of the kernel's high-water mark
 
 
-def _vm_hwm_bytes() -> int | None:
-    """The kernel's RSS high-water mark of this process (Linux ``VmHWM``), or None where unavailable."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (``VmHWM``: RSS high-water mark, ``VmRSS``: RSS now) in bytes, or None."""
     try:
         with open(_PROC_STATUS) as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def _vm_hwm_bytes() -> int | None:
+    return _proc_status_bytes("VmHWM")
 
 
 def peak_rss_bytes() -> int:
@@ -179,10 +183,11 @@ def _rss_since_reset() -> int:
 class StageMeter:
     """Wall time and peak memory of each named stage of a run.
 
-    ``peak_memory[stage] = {"cpu_rss": bytes, "gpu": bytes}``: the largest resident set of the process and
-    the largest GPU allocation *during that stage* (stages may nest; an outer stage's peak includes its inner
-    stages'; a stage entered twice keeps the larger peak and the summed time). Where the RSS high-water mark
-    cannot be reset (not Linux), ``cpu_rss`` is the process's peak up to the end of the stage.
+    ``peak_memory[stage] = {"cpu_rss": bytes, "gpu": bytes, "cpu_rss_start": bytes}``: the largest resident set
+    of the process and the largest GPU allocation *during that stage*, and the resident set when it began (so
+    ``cpu_rss - cpu_rss_start`` is what the stage added at its peak). Stages may nest; an outer stage's peak
+    includes its inner stages'; a stage entered twice keeps the larger peak and the summed time. Where the RSS
+    high-water mark cannot be reset (not Linux), ``cpu_rss`` is the process's peak up to the end of the stage.
     """
 
     device: torch.device
@@ -203,6 +208,7 @@ class StageMeter:
         reset_peak_rss()
         reset_peak_memory(self.device)
         running = [0, 0]
+        rss_start = _proc_status_bytes("VmRSS") or 0
         self._open.append(running)
         start = time.perf_counter()
         log.info("stage %s: start", name)
@@ -217,8 +223,9 @@ class StageMeter:
             for outer in self._open:
                 outer[0], outer[1] = max(outer[0], cpu), max(outer[1], gpu)
             self.timings[name] = self.timings.get(name, 0.0) + elapsed
-            old = self.peak_memory.get(name, {"cpu_rss": 0, "gpu": 0})
-            self.peak_memory[name] = {"cpu_rss": max(old["cpu_rss"], cpu), "gpu": max(old["gpu"], gpu)}
+            old = self.peak_memory.get(name, {"cpu_rss": 0, "gpu": 0, "cpu_rss_start": rss_start})
+            self.peak_memory[name] = {"cpu_rss": max(old["cpu_rss"], cpu), "gpu": max(old["gpu"], gpu),
+                                      "cpu_rss_start": old["cpu_rss_start"]}
             log.info("stage %s: %.1f s, peak RSS %.2f GiB, peak GPU %.2f GiB", name, elapsed, cpu / 2**30, gpu / 2**30)
 
     @property

@@ -123,6 +123,8 @@ def test_stage_peak_memory_is_per_stage_and_nests():
             pass
     pm = meter.peak_memory
     assert pm["big"]["gpu"] == 0 and pm["big"]["cpu_rss"] >= big
+    if dev._proc_status_bytes("VmRSS") is not None:  # what the stage added on top of where it started
+        assert pm["big"]["cpu_rss"] - pm["big"]["cpu_rss_start"] >= big * 0.9
     assert pm["outer"]["cpu_rss"] >= pm["inner"]["cpu_rss"] >= big // 2
     assert meter.peak_bytes >= pm["big"]["cpu_rss"]
     if dev.reset_peak_rss():  # Linux: stages do not inherit earlier peaks
