@@ -222,27 +222,35 @@ def shown_path(path: str) -> str:
         return str(p)
 
 
-def zeroshot_note(runs: list[dict]) -> str:
-    limits = {(r.get("zeroshot_source") or {}).get("limit") for r in runs if r.get("zeroshot")}
-    tasks = {}
-    for r in runs:
-        for t, p in ((r.get("zeroshot_source") or {}).get("tasks") or {}).items():
-            tasks.setdefault(t, p)
-    parts = []
-    limits.discard(None)
+def zeroshot_note(runs: list[dict], metric: str = "acc") -> str:
+    """One line on how the zero-shot numbers were made: limit, data source and split, typical standard error."""
+    zs_runs = [r for r in runs if r.get("zeroshot")]
+    parts = ["Accuracy (%), 0-shot"]
+    limits = sorted({(r.get("zeroshot_source") or {}).get("limit") for r in zs_runs} - {None})
     if limits:
-        parts.append(f"first {', '.join(str(x) for x in sorted(limits))} examples per task (zeroshot.limit)")
-    srcs = sorted({f"{t}: {p.get('source')} {p.get('split')}" + (f" (lm-eval default: {p['builtin_split']})" if p.get("builtin_split") and p.get("builtin_split") != p.get("split") else "")
-                   for t, p in tasks.items()})
-    if srcs:
-        parts.append("data: " + "; ".join(srcs))
-    return "; ".join(["Accuracy (%), 0-shot", *parts]) + "."
+        parts.append(f"first {', '.join(str(x) for x in limits)} examples per task (zeroshot.limit)")
+    prov: dict[str, dict] = {}
+    for r in zs_runs:
+        for t, p in ((r.get("zeroshot_source") or {}).get("tasks") or {}).items():
+            prov.setdefault(t, p)
+    if prov:
+        used = sorted({f"{p.get('source')} {p.get('split')}" for p in prov.values()})
+        moved = sorted(t for t, p in prov.items() if p.get("builtin_split") and p.get("builtin_split") != p.get("split"))
+        text = f"data: {', '.join(used)} split"
+        if moved:
+            text += f" (lm-eval's default split differs for {', '.join(moved)})"
+        parts.append(text)
+    errs = [row[f"{metric}_stderr"] for r in zs_runs for row in r["zeroshot"].values()
+            if isinstance(row, dict) and f"{metric}_stderr" in row]
+    if errs:
+        parts.append(f"typical standard error ±{100 * mean(errs):.1f} points")
+    return "; ".join(parts) + "."
 
 
 def build(runs: list[dict], name: str) -> dict[str, str]:
     """All text outputs: ``{file name: content}``."""
     files: dict[str, str] = {}
-    md = [f"# {name}", "", f"Built by `experiments/build_tables.py` from {len(runs)} runs. "
+    md = [f"# {name}", "", f"Built by `experiments/build_tables.py` from {len(runs)} run{'s' if len(runs) != 1 else ''}. "
           "Perplexity: lower is better; dense = the unpruned model. Columns are target sparsities.", ""]
     by_model: dict[str, list[dict]] = defaultdict(list)
     for r in runs:
@@ -373,6 +381,9 @@ def write_atomically(files: dict[str, str], runs: list[dict], dest: Path, plots:
     """Build everything in a temp folder next to ``dest``, then swap it in with renames."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         for fname, text in files.items():
             (tmp / fname).write_text(text)

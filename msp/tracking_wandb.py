@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +128,8 @@ class WandbTracker:
             art.add_file(str(allocation))
             run.log_artifact(art)
         results_json = Path(run_dir) / "results.json"
-        if results_json.exists():
-            run.save(str(results_json), base_path=str(run_dir), policy="now")
+        if results_json.exists():  # files in run.dir are uploaded with the run (a copy: no symlink warning)
+            shutil.copyfile(results_json, Path(run.dir) / "results.json")
 
     def finish(self, failed: bool = False) -> None:
         if self.run is not None:

@@ -89,7 +89,7 @@ Calibration: book, 4 x 64 tokens. Evaluation windows of 64 tokens: wiki 4.
 
 ### Zero-shot accuracy
 
-Accuracy (%), 0-shot; first 20 examples per task (zeroshot.limit); data: arc_easy: embedded validation (lm-eval default: test); boolq: embedded validation.
+Accuracy (%), 0-shot; first 20 examples per task (zeroshot.limit); data: embedded validation split (lm-eval's default split differs for arc_easy); typical standard error ±10.0 points.
 
 | method | boolq | arc_easy | mean |
 |---|---:|---:|---:|
