@@ -105,18 +105,22 @@ def topk_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     mask a stable sort would give, found with a selection instead of a full sort (O(cols) per row):
     t = the k-th smallest score of the row; prune every score < t, then the first (k − #{< t}) scores == t.
     """
+    return ~lowest_k_mask(scores, prune_count(scores.shape[1], sparsity))
+
+
+def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` lowest scores of every row (ties: lowest column index first), i.e. the first k
+    indices of a stable ascending sort, without sorting. scores: (rows, cols)."""
     rows, cols = scores.shape
-    k = prune_count(cols, sparsity)
-    if k == 0:
-        return torch.ones_like(scores, dtype=torch.bool)
-    if k >= cols:
+    if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= cols:
+        return torch.ones_like(scores, dtype=torch.bool)
     threshold = torch.kthvalue(scores, k, dim=1, keepdim=True).values
     below = scores < threshold
     at = scores == threshold
     room = k - below.sum(dim=1, keepdim=True)  # how many of the ties at the threshold are pruned
-    prune = below | (at & (torch.cumsum(at, dim=1) <= room))
-    return ~prune
+    return below | (at & (torch.cumsum(at, dim=1) <= room))
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

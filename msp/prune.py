@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from msp.allocation import Allocation
-from msp.masks import Pattern, PatternError, sparsity_of
+from msp.masks import Pattern, PatternError
 from msp.models import prunable_layers
 from msp.pipeline import sequential_pass
 from msp.pruners import Pruner
@@ -60,7 +60,8 @@ def prune_(
     missing = [n for n in layers if n not in allocation.sparsities]
     if missing:
         raise ValueError(f"allocation has no sparsity for {len(missing)} layer(s), e.g. {missing[0]}")
-    reports: list[LayerReport] = []
+    # non-zero counts stay on the device until the pass ends: no host round trip inside the per-layer loop
+    pending: list[tuple[str, int, float, str, torch.Tensor]] = []
 
     def on_block(index, prefix, block, linears, stats):
         for local, lin in linears.items():
@@ -69,7 +70,7 @@ def prune_(
             layer_pattern = pattern.for_layer(target)
             new_weight = pruner.prune_weight(lin.weight.data, stats.get(local), target, layer_pattern)
             lin.weight.data.copy_(new_weight)
-            reports.append(LayerReport(name, lin.weight.numel(), target, sparsity_of(lin.weight.data), str(layer_pattern)))
+            pending.append((name, lin.weight.numel(), target, str(layer_pattern), torch.count_nonzero(lin.weight.data)))
         return True
 
     needs_data = pruner.needs_calibration
@@ -88,7 +89,7 @@ def prune_(
         desc=f"pruning ({pruner.name})",
         modifies_blocks=True,
     )
-    return reports
+    return [LayerReport(name, params, target, 1.0 - int(nonzero) / params, pat) for name, params, target, pat, nonzero in pending]
 
 
 def weighted_sparsity(reports: list[LayerReport]) -> float:

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from msp.masks import Pattern
+from msp.masks import Pattern, lowest_k_mask
 from msp.pruners.base import Pruner
 from msp.pruners.stats import LayerStats
 
@@ -101,8 +101,7 @@ def sparsegpt_prune(
             k = max(0, min(target - pruned_so_far, w1.numel()))
             if k:
                 sal = _saliency(w1, d1, hdiag[i1:i2], saliency)
-                idx = torch.sort(sal.flatten(), stable=True).indices[:k]
-                prune1.view(-1)[idx] = True
+                prune1 = lowest_k_mask(sal.reshape(1, -1), k).view_as(w1)  # = a stable sort's first k, without sorting
             pruned_so_far += k
 
         for i in range(count):
