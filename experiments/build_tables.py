@@ -364,7 +364,9 @@ def plot_all(runs: list[dict], out: Path) -> list[str]:
                 if all("mean" in h for h in hist):
                     ax.plot(gens, [h["mean"] for h in hist], linestyle="--", color=line.get_color(), alpha=0.6, label=f"{label} mean")
             ax.set_xlabel("generation")
-            ax.set_ylabel("fitness (lower is better)")
+            metrics = sorted({str(r["search"].get("fitness", "fitness")) for r in searched})
+            ax.set_ylabel(f"{' / '.join(metrics)} (lower is better)")
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_title(f"{model}: search convergence")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)

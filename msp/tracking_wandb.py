@@ -113,13 +113,14 @@ class WandbTracker:
                 charts["layers/sensitivity"] = wandb.plot.line(sens, "index", "sensitivity", title="sensitivity profile")
             run.log(charts)
 
+        # the whole search history (a resumed search logged only its new generations live, as search/*)
         history = (results.get("search") or {}).get("history") or []
         if history:
-            run.define_metric("search/generation")
-            run.define_metric("search/*", step_metric="search/generation")
+            run.define_metric("search_history/generation")
+            run.define_metric("search_history/*", step_metric="search_history/generation")
             for h in history:
-                run.log({"search/generation": h.get("generation"),
-                         **{f"search/{k}": v for k, v in h.items() if k != "generation" and isinstance(v, (int, float))}})
+                run.log({"search_history/generation": h.get("generation"),
+                         **{f"search_history/{k}": v for k, v in h.items() if k != "generation" and isinstance(v, (int, float))}})
 
         allocation = Path(run_dir) / "allocation.json"
         if self.log_artifacts and allocation.exists():
