@@ -56,7 +56,12 @@ class SafeTracker(Tracker):
         return self._call("log_results", *a, **k)
 
     def finish(self, *a, **k):
-        return self._call("finish", *a, **k)
+        # always try to close the run, even after an earlier failure, so the logger's files are flushed
+        try:
+            return self.inner.finish(*a, **k)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("logger %s failed to finish (%s: %s); results on disk are unaffected", type(self.inner).__name__, type(exc).__name__, exc)
+            return None
 
 
 def make_tracker(options: dict | None) -> Tracker:
