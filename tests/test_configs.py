@@ -22,13 +22,26 @@ def options():
             yield group.name, yaml.stem
 
 
+def _allocation_file() -> Path:
+    """A real allocation.json (uniform 50% over the embedded model's layer names) for allocation=file."""
+    import json
+    import tempfile
+
+
+    path = Path(tempfile.gettempdir()) / "msp-test-configs-allocation.json"
+    names = [f"model.layers.{b}.{l}" for b in range(30) for l in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    path.write_text(json.dumps({"method": "uniform", "target": 0.5, "sparsities": {n: 0.5 for n in names}}))
+    return path
+
+
 def override_for(group: str, option: str) -> list[str]:
     prefix = "+" if group in OPTIONAL_GROUPS else ""
     extra = []
     if group == "model" and option == "hf":
         extra.append("model.name=some-org/some-model")
     if group == "allocation" and option == "file":
-        extra.append("allocation.path=/tmp/allocation.json")
+        extra.append(f"allocation.path={_allocation_file()}")
     return [f"{prefix}{group}={option}", *extra]
 
 
