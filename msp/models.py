@@ -212,6 +212,13 @@ def save_pruned_model(loaded: LoadedModel, folder: Path) -> None:
 def skeleton_layers(name: str) -> dict[str, nn.Linear] | None:
     """The prunable Linear layers of a model built on the ``meta`` device from its config alone (no weights),
     so shape checks (N:M divisibility) run before any loading. None when the config is not at hand locally."""
+    model = skeleton_model(name)
+    return prunable_layers(model) if model is not None else None
+
+
+def skeleton_model(name: str) -> nn.Module | None:
+    """The model built on the ``meta`` device from its config alone (shapes, no weights, no memory), or None
+    when the config is not at hand locally. Used for checks before loading (N:M divisibility, memory plans)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if name in TINY_MODELS:
@@ -224,5 +231,4 @@ def skeleton_layers(name: str) -> dict[str, nn.Linear] | None:
     else:
         return None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return prunable_layers(model)
+        return AutoModelForCausalLM.from_config(config)

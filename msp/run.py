@@ -18,7 +18,7 @@ from msp import data as data_mod
 from msp.allocation import Allocation
 from msp.allocation.build import AllocationContext, build_allocation
 from msp.cache import DiskCache, cache_key
-from msp.device import StageMeter, resolve_device, resolve_dtype
+from msp.device import StageMeter, is_gpu, resolve_device, resolve_dtype
 from msp.eval.perplexity import perplexity, streamed_perplexity
 from msp.io import write_json_atomic
 from msp.masks import Pattern, check_sparsity
@@ -97,6 +97,15 @@ def validate_early(spec: RunSpec) -> None:
         parse_streaming_mode(spec.streaming)
     except StreamingError as exc:
         raise ConfigError(str(exc)) from None
+    device = resolve_device(spec.device)
+    if spec.gpu_budget_gb is not None or is_gpu(device):  # a model or block too big for the budget: fail before loading
+        from msp.models import skeleton_model
+
+        skeleton = skeleton_model(spec.model)
+        if skeleton is not None:
+            plan_streaming(skeleton.to(resolve_dtype(spec.dtype, device)), device, spec.streaming, spec.gpu_budget_gb,
+                           batch_size=spec.batch_size, seqlen=int(d["seqlen"]), nsamples=int(d["nsamples"]),
+                           need_hessian=bool(getattr(spec.pruner, "needs_hessian", False)))
     if (spec.export or {}).get("semi_structured"):
         from msp.export import ExportError, check_export_pattern
 

@@ -75,9 +75,9 @@ def _unique_bytes(modules: list[nn.Module]) -> int:
     total = 0
     for m in modules:
         for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
-            if t.data_ptr() in seen and t.numel():
+            if id(t) in seen:  # tied weights are one Parameter object (works on the meta device too)
                 continue
-            seen.add(t.data_ptr())
+            seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
 

@@ -115,3 +115,17 @@ def test_streaming_leaves_the_model_on_the_cpu_between_blocks(cpu):
     assert calls == {0: 2, 1: 2}  # each block: to the device, then back home — once
     assert len(out.block_inputs) == 2 and len(out.final.hidden) == 2 and out.tuple_out is False
     assert len(prunable_layers(model)) == 14
+
+
+def test_a_block_too_big_is_refused_before_loading_weights(tmp_path, cpu):
+    """validate_early plans on a weightless meta-device skeleton: the same sizes as the loaded model, no loading."""
+    from msp.models import skeleton_model
+
+    skeleton = skeleton_model("tiny-llama")
+    assert next(skeleton.parameters()).is_meta
+    kw = dict(batch_size=4, seqlen=64, nsamples=4)
+    assert plan_streaming(skeleton, cpu, "true", 0.003, **kw) == plan_streaming(build_tiny_model("tiny-llama").model, cpu, "true", 0.003, **kw)
+    spec = _spec(tmp_path, "streaming=true", "gpu_budget_gb=0.0005")
+    with pytest.raises(StreamingError, match="one decoder block needs"):
+        validate_early(spec)
+    validate_early(_spec(tmp_path, "streaming=true", "gpu_budget_gb=0.003"))
