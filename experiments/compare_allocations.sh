@@ -7,8 +7,12 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=outputs/multirun/smollm2_allocations
+# the Hutchinson Hessian (rank) costs two double-backprops per window on CPU: 4 windows x 1 probe, computed once and cached
+rank="allocation.nsamples=4 allocation.probes=1"
 msp --multirun experiment=smollm2_allocations hydra.sweep.dir=$out/wanda
+msp --multirun experiment=smollm2_allocations allocation=rank $rank hydra.sweep.dir=$out/wanda_rank
 msp --multirun experiment=smollm2_allocations pruner=sparsegpt sparsity=0.7,0.75 hydra.sweep.dir=$out/sparsegpt
+msp --multirun experiment=smollm2_allocations pruner=sparsegpt sparsity=0.7,0.75 allocation=rank $rank hydra.sweep.dir=$out/sparsegpt_rank
 msp --multirun experiment=smollm2_allocations sparsity=0.75 pattern=N:8 allocation=fisher,msp hydra.sweep.dir=$out/mixed_n8
 msp --multirun experiment=smollm2_allocations pattern=2:8 allocation=uniform hydra.sweep.dir=$out/uniform_28
 python3 experiments/build_tables.py $out --name smollm2_allocations
