@@ -413,6 +413,8 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocation:
         if ctx.tracker is not None:
             ctx.tracker.log_metrics({"search/best_fitness": best, "search/mean_fitness": mean}, step=gen)
 
+    # the fitness is attached after the precompute; the search is built first so that a foreign checkpoint
+    # (its fingerprint needs only the grid and the settings) fails before any heavy work
     evolution = Evolution(grid.space, lambda g, s: math.nan, config, checkpoint=checkpoint, fingerprint_extra=fields,
                           describe=describe, on_generation=on_generation)
     if resume:

@@ -11,7 +11,8 @@ candidate:
   position inside each group of M (stable descending) is stored and a weight is kept iff it is < N.
 * **store** (SparseGPT — any pruner): the pruned weight of every (layer, level) the grid can reach, from
   ``pruner.prune_weight`` on the dense-pass statistics, held in memory or on disk in float16 (bounded by
-  ``max_levels`` levels per layer).
+  ``max_levels`` levels per layer). A pruner may offer ``prune_weight_levels(weight, stats, sparsities,
+  pattern) -> list`` to compute all of a layer's levels in one call (e.g. sharing SparseGPT's H⁻¹ factor).
 
 Fitness (lower is better) on held-out *calibration* tokens (never the evaluation split), with the dense
 model's next-token log-probabilities cached once:
@@ -244,9 +245,11 @@ def precompute_variants(
             if mode == "ranking":
                 ranks[name] = ranking_of(pruner.scores(w, st), pattern).to(cpu)
             else:
-                for s in levels[name]:
-                    pruned = pruner.prune_weight(w, st, float(s), pattern)
-                    variants.put(name, float(s), pruned.to(cpu, sdtype))
+                wanted = [float(s) for s in levels[name]]
+                many = getattr(pruner, "prune_weight_levels", None)  # optional: one call for all levels (shared factorisation)
+                outs = many(w, st, wanted, pattern) if many is not None else (pruner.prune_weight(w, st, s, pattern) for s in wanted)
+                for s, pruned in zip(wanted, outs):
+                    variants.put(name, s, pruned.to(cpu, sdtype))
         return False  # weights untouched: the dense outputs feed the next block
 
     try:
