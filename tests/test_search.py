@@ -257,6 +257,29 @@ def test_sparsegpt_store_holds_prune_weight_per_level(tmp_path):
                             levels=levels, max_levels=1)
 
 
+def test_store_uses_a_pruners_all_levels_call_when_it_has_one():
+    from msp.pruners.base import Pruner
+
+    class Scaling(Pruner):  # not score-based → store mode; "prunes" by scaling, so each level is recognisable
+        name, needs_calibration = "scaling", False
+        calls: list = []
+
+        def prune_weight(self, weight, stats, sparsity, pattern):
+            raise AssertionError("prune_weight_levels should have been used")
+
+        def prune_weight_levels(self, weight, stats, sparsities, pattern):
+            self.calls.append(list(sparsities))
+            return [weight * (1 - s) for s in sparsities]
+
+    lm = build_tiny_model("tiny-llama")
+    layers = prunable_layers(lm.model)
+    store = precompute_variants(lm.model, layers, Scaling(), Pattern.parse("unstructured"), None, torch.device("cpu"),
+                                levels={n: [0.25, 0.5] for n in layers}, store_dtype="float32")
+    assert Scaling.calls == [[0.25, 0.5]] * len(layers)
+    name = next(iter(layers))
+    assert torch.equal(store.weight(name, 0.5), layers[name].weight.data * 0.5)
+
+
 def test_candidate_swaps_only_changed_units_and_ppl_fitness_is_the_models_perplexity():
     from msp.eval.perplexity import perplexity
 
