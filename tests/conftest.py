@@ -36,3 +36,12 @@ def tiny_llama():
 @pytest.fixture
 def cache_dir(tmp_path):
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is much faster than several fighting over shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
