@@ -36,3 +36,28 @@ def test_sparsegpt_joint_quantization_keeps_few_levels_per_row():
     q = SparseGPTPruner(bits=3).prune_weight(w, stats, 0.5, Pattern.parse("unstructured"))
     for row in q:
         assert len(torch.unique(row[row != 0])) <= 2**3  # 3-bit: at most 8 distinct non-zero values per channel
+
+
+@pytest.mark.parametrize(
+    "pattern, levels, extra",
+    [
+        ("unstructured", [0.3, 0.5, 0.7, 0.9], {}),
+        ("N:8", [0.25, 0.5, 0.75, 0.0, 1.0], {}),
+        ("unstructured", [0.4, 0.6], {"saliency": "isc", "bits": 4}),
+    ],
+)
+def test_sparsegpt_levels_in_one_sweep_match_separate_calls(pattern, levels, extra, monkeypatch):
+    """The search's variant store prunes every level in one stacked sweep; each level equals its own call."""
+    import msp.pruners.sparsegpt as sg
+
+    w, x, stats = correlated_layer(seed=2, tokens=1024, d_in=64, d_out=16)
+    pruner, pat = SparseGPTPruner(blocksize=16, **extra), Pattern.parse(pattern)
+    monkeypatch.setattr(sg, "_LEVELS_MAX_ELEMENTS", 2 * 64 * 16)  # chunks of two levels: the chunking path too
+    together = pruner.prune_weight_levels(w, stats, levels, pat)
+    assert len(together) == len(levels)
+    for s, got in zip(levels, together):
+        alone = pruner.prune_weight(w, stats, s, pat)
+        assert torch.equal(got == 0, alone == 0), f"level {s}: masks differ"
+        assert torch.allclose(got, alone, rtol=1e-4, atol=1e-5), f"level {s}: weights differ"
+        if not extra.get("bits"):  # (quantization may round a kept weight to zero)
+            assert abs(float((got == 0).float().mean()) - s) <= 0.5 / got.numel() + 1e-9  # nearest whole weight count

@@ -74,18 +74,65 @@ def sparsegpt_prune(
     (SparseGPT) or ``isc`` = w²·(H_jj + 1/d²) (arXiv 2310.09499). Unstructured masks hit the layer's exact
     weight count: each block removes the cumulative target minus what earlier blocks removed.
     """
+    return sparsegpt_prune_levels(weight, hessian, [sparsity], pattern, blocksize, percdamp, saliency, bits)[0]
+
+
+# levels swept together hold at most this many float32 weights (512 MiB); more levels are swept in chunks
+_LEVELS_MAX_ELEMENTS = 2**27
+
+
+@torch.no_grad()
+def sparsegpt_prune_levels(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsities: list[float],
+    pattern: Pattern,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    saliency: str = "obs",
+    bits: int | None = None,
+) -> list[torch.Tensor]:
+    """:func:`sparsegpt_prune` at several sparsities in one column sweep.
+
+    The inverse-Hessian factor depends on the inputs only, and every row of W is reconstructed independently
+    given it, so the L copies of W (one per level) are stacked into one (L·out, in) matrix and swept once: the
+    factorisation is shared and the per-column loop runs once instead of L times. Each level keeps its own mask
+    (its own per-block removal count, or its own N for mixed N:M).
+    """
     if saliency not in ("obs", "isc"):
         raise ValueError(f"unknown SparseGPT saliency {saliency!r}; valid: obs, isc")
-    pattern = pattern.for_layer(sparsity)
+    sparsities = [float(s) for s in sparsities]
+    if not sparsities:
+        return []
     rows, cols = weight.shape
-    w = weight.detach().to(torch.float32).clone()
-    h, hinv, dead = inverse_hessian_cholesky(hessian.to(w.device, torch.float32), percdamp)
-    w[:, dead] = 0
-    hdiag = torch.diag(h)
-    qparams = minmax_quant_params(w, bits) if bits else None
+    w0 = weight.detach().to(torch.float32).clone()
+    h, hinv, dead = inverse_hessian_cholesky(hessian.to(w0.device, torch.float32), percdamp)
+    w0[:, dead] = 0
+    per_chunk = max(1, _LEVELS_MAX_ELEMENTS // max(1, rows * cols))
+    out: list[torch.Tensor] = []
+    for c in range(0, len(sparsities), per_chunk):
+        chunk = sparsities[c : c + per_chunk]
+        swept = _sweep(w0, h, hinv, chunk, pattern, blocksize, saliency, bits)
+        out.extend(swept[j * rows : (j + 1) * rows].to(weight.dtype) for j in range(len(chunk)))
+    return out
 
-    total_to_prune = int(math.floor(sparsity * rows * cols + 0.5)) if pattern.kind == "unstructured" else 0
-    pruned_so_far = 0
+
+def _sweep(w0, h, hinv, sparsities, pattern, blocksize, saliency, bits) -> torch.Tensor:
+    """One SparseGPT column sweep over the stacked levels; returns the (L·out, in) float32 result."""
+    rows, cols = w0.shape
+    patterns = [pattern.for_layer(s) for s in sparsities]
+    levels = len(sparsities)
+    w = w0.repeat(levels, 1)
+    hdiag = torch.diag(h)
+    qparams = None
+    if bits:
+        scale, zero, maxq = minmax_quant_params(w0, bits)
+        qparams = (scale.repeat(levels), zero.repeat(levels), maxq)
+    part = [slice(j * rows, (j + 1) * rows) for j in range(levels)]
+    unstructured = [j for j, p in enumerate(patterns) if p.kind == "unstructured"]
+    nm = [j for j, p in enumerate(patterns) if p.kind == "nm"]
+    total = {j: int(math.floor(sparsities[j] * rows * cols + 0.5)) for j in unstructured}
+    pruned_so_far = dict.fromkeys(unstructured, 0)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
@@ -96,21 +143,23 @@ def sparsegpt_prune(
         d1 = torch.diag(hinv1)
 
         prune1 = torch.zeros_like(w1, dtype=torch.bool)
-        if pattern.kind == "unstructured":
-            target = int(math.floor(sparsity * rows * i2 + 0.5)) if i2 < cols else total_to_prune
-            k = max(0, min(target - pruned_so_far, w1.numel()))
+        for j in unstructured:
+            target = int(math.floor(sparsities[j] * rows * i2 + 0.5)) if i2 < cols else total[j]
+            k = max(0, min(target - pruned_so_far[j], rows * count))
             if k:
-                sal = _saliency(w1, d1, hdiag[i1:i2], saliency)
-                prune1 = lowest_k_mask(sal.reshape(1, -1), k).view_as(w1)  # = a stable sort's first k, without sorting
-            pruned_so_far += k
+                sal = _saliency(w1[part[j]], d1, hdiag[i1:i2], saliency)
+                prune1[part[j]] = lowest_k_mask(sal.reshape(1, -1), k).view(rows, count)  # a stable sort's first k
+            pruned_so_far[j] += k
 
         for i in range(count):
             col = w1[:, i]
             d = d1[i]
-            if pattern.kind == "nm" and i % pattern.m == 0:
-                sal = _saliency(w1[:, i : i + pattern.m], d1[i : i + pattern.m], hdiag[i1 + i : i1 + i + pattern.m], saliency)
-                drop = torch.sort(sal, dim=1, stable=True).indices[:, : pattern.m - pattern.n]
-                prune1[:, i : i + pattern.m].scatter_(1, drop, True)
+            for j in nm:
+                m, drop_n = patterns[j].m, patterns[j].m - patterns[j].n
+                if i % m == 0 and drop_n:
+                    sal = _saliency(w1[part[j], i : i + m], d1[i : i + m], hdiag[i1 + i : i1 + i + m], saliency)
+                    drop = torch.sort(sal, dim=1, stable=True).indices[:, :drop_n]
+                    prune1[part[j], i : i + m].scatter_(1, drop, True)
             # masked_fill / where instead of boolean indexing: no data-dependent shapes, so no host sync on a GPU
             q = col.masked_fill(prune1[:, i], 0.0)
             if qparams is not None:
@@ -122,7 +171,7 @@ def sparsegpt_prune(
             err1[:, i] = err
         w[:, i1:i2] = q1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return w.to(weight.dtype)
+    return w
 
 
 def _saliency(w: torch.Tensor, d: torch.Tensor, hdiag: torch.Tensor, kind: str) -> torch.Tensor:
@@ -150,6 +199,14 @@ class SparseGPTPruner(Pruner):
             raise ValueError("SparseGPT needs the input Hessian XᵀX; no calibration statistics were collected")
         return sparsegpt_prune(
             weight, stats.hessian, sparsity, pattern, self.blocksize, self.percdamp, self.saliency, self.bits
+        )
+
+    def prune_weight_levels(self, weight, stats, sparsities, pattern):
+        """Every level of the search's variant store in one shared sweep (see :func:`sparsegpt_prune_levels`)."""
+        if stats is None or stats.hessian is None:
+            raise ValueError("SparseGPT needs the input Hessian XᵀX; no calibration statistics were collected")
+        return sparsegpt_prune_levels(
+            weight, stats.hessian, sparsities, pattern, self.blocksize, self.percdamp, self.saliency, self.bits
         )
 
     def __repr__(self):
