@@ -108,3 +108,23 @@ def test_hooks_are_removed_when_the_callback_fails(cpu):
     with pytest.raises(RuntimeError, match="boom"):
         sequential_pass(lm.model, torch.randint(0, 256, (2, 8)), cpu, boom, modifies_blocks=True)
     assert all(not l._forward_pre_hooks and not l._forward_hooks for l in prunable_layers(lm.model).values())
+
+
+def test_pipeline_speed_benchmark_runs_and_reports_the_search(tmp_path, one_thread):
+    """bench/pipeline_speed.py end to end on tiny-llama: every ratio present, the candidates really pruned (KL > 0)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "pipeline_speed.py"
+    spec = importlib.util.spec_from_file_location("pipeline_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--model", "tiny-llama", "--nsamples", "2", "--seqlen", "32", "--pruners", "wanda", "--search", "wanda,sparsegpt",
+                "--fitness-windows", "1", "--fitness-seqlen", "32", "--candidates", "2", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "pipeline_speed_tiny-llama_cpu.json").read_text())
+    assert result["pruners"]["wanda"]["ratio_to_forward"] > 0
+    for name, mode in (("wanda", "ranking"), ("sparsegpt", "store")):
+        s = result["search"]["pruners"][name]
+        assert s["mode"] == mode and s["candidate_ratio_to_bare_forward"] > 0 and s["last_fitness"] > 0
+    assert "Search (" in (tmp_path / "pipeline_speed_tiny-llama_cpu.md").read_text()
