@@ -49,6 +49,7 @@ def spec_from_config(cfg: DictConfig):
         device=str(cfg.device),
         dtype=str(cfg.dtype),
         batch_size=int(cfg.batch_size),
+        true_sequential=bool(cfg.get("true_sequential", False)),
         save_model=bool(cfg.save_model),
         cache_dir=str(cfg.cache_dir) if cfg.cache_dir else None,
         use_cache=bool(cfg.use_cache),

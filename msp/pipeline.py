@@ -119,6 +119,62 @@ def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, store
 
 #: on_block(index, prefix, block, linears, stats) -> whether it changed the block's weights (None counts as True)
 BlockCallback = Callable[[int, str, nn.Module, dict[str, nn.Linear], dict[str, LayerStats]], "bool | None"]
+#: on_layer(index, prefix, local_name, linear, stats): prune one Linear in place, inside the block's forward
+LayerCallback = Callable[[int, str, str, nn.Linear, LayerStats], None]
+
+
+def inline_block_pass(
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    inputs: "BlockInputs",
+    device: torch.device,
+    store_device: torch.device,
+    need_hessian: bool,
+    on_layer: Callable[[str, nn.Linear, LayerStats], None],
+) -> list[torch.Tensor]:
+    """One run of the block over the whole calibration batch, pruning each Linear in its forward pre-hook.
+
+    A pre-hook sees the layer's complete input (all calibration tokens are in the one batch), so it can build
+    the layer's statistics, prune the weight in place, and let the forward go on with the pruned weight: every
+    later layer of the block sees its pruned predecessors' outputs (SparseGPT's "true sequential" order), and
+    the block's output is already the pruned block's output — one block pass instead of a statistics pass plus
+    a propagation pass. Layers reading the same tensor (q/k/v) share one statistics computation.
+    """
+    if len(inputs.hidden) != 1:
+        raise ValueError(f"the inline pass needs the calibration set in one batch, got {len(inputs.hidden)} batches")
+    shared: dict[int, tuple[torch.Tensor, StatsUpdate]] = {}
+    done: set[str] = set()
+
+    def make_hook(name: str):
+        def hook(module, args):
+            if name in done:  # a layer called twice in one forward keeps its first pruning
+                return
+            x = args[0]
+            hit = shared.get(id(x))
+            if hit is None or hit[0] is not x:
+                hit = (x, input_update(x, need_hessian))
+                shared[id(x)] = hit
+            stats = LayerStats(module.in_features, need_hessian)
+            stats.add_update(hit[1])
+            on_layer(name, module, stats)
+            done.add(name)
+
+        return hook
+
+    handles = []
+    try:
+        for name, lin in linears.items():
+            handles.append(lin.register_forward_pre_hook(make_hook(name)))
+        hidden, kw = inputs.hidden[0], inputs.kwargs[0]
+        out = _block_output(block(hidden.to(device), **_to(kw, device))).detach().to(store_device)
+    finally:
+        for h in handles:
+            h.remove()
+        shared.clear()
+    skipped = [n for n in linears if n not in done]
+    if skipped:
+        raise RuntimeError(f"the block's forward never called {', '.join(skipped)}; use true_sequential=false for this model")
+    return [out]
 
 
 def collect_block_stats(
@@ -195,6 +251,7 @@ def sequential_pass(
     offload_device: torch.device | None = None,
     desc: str = "blocks",
     modifies_blocks: bool = False,
+    on_layer: LayerCallback | None = None,
 ) -> None:
     """Visit every decoder block once, in order.
 
@@ -207,9 +264,17 @@ def sequential_pass(
     need not keep the block's dense outputs and stops after its last Linear layer's input (see
     :func:`collect_block_stats`); when the callback returns False the block is simply run again. With the
     default False, a callback returning False reuses the statistics pass's outputs (no second run).
+
+    ``on_layer`` (with ``collect_stats``) switches to the inline pass (:func:`inline_block_pass`): the whole
+    calibration set runs through each block as one batch (``batch_size`` is ignored for the block passes), each
+    Linear is handed to ``on_layer`` inside the forward, and the same run's outputs feed the next block;
+    ``on_block`` is then called with empty statistics, after the block's layers are done.
     """
     prefix, blocks = find_blocks(model)
     store_device = store_device or device
+    inline = on_layer is not None and collect_stats
+    if inline:
+        batch_size = max(1, int(input_ids.shape[0]))  # one batch: each pre-hook sees a layer's whole input
     inputs = capture_block_inputs(model, input_ids, batch_size, device, store_device) if (collect_stats or propagate) else None
     bar = tqdm(range(len(blocks)), desc=desc, unit="block", leave=False)
     for i in bar:
@@ -220,6 +285,18 @@ def sequential_pass(
         stats: dict[str, LayerStats] = {}
         dense_outputs = None
         last = i + 1 == len(blocks)
+        if inline and inputs is not None:
+            bar.set_description(f"{desc} {i + 1}/{len(blocks)}: pruning inline")
+            outputs = inline_block_pass(
+                block, linears, inputs, device, store_device, need_hessian,
+                lambda local, lin, st, _i=i: on_layer(_i, prefix, local, lin, st),
+            )
+            on_block(i, prefix, block, linears, {})
+            if propagate and not last:
+                inputs.hidden = outputs
+            del outputs
+            block.to(home)
+            continue
         if collect_stats and inputs is not None:
             bar.set_description(f"{desc} {i + 1}/{len(blocks)}: calibrating")
             keep = propagate and not last and not modifies_blocks

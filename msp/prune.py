@@ -48,10 +48,15 @@ def prune_(
     pattern: Pattern | str = "unstructured",
     batch_size: int = 4,
     store_device: torch.device | None = None,
+    true_sequential: bool = False,
 ) -> list[LayerReport]:
     """Prune every decoder Linear layer of ``model`` in place to ``allocation[name]`` with ``pruner``.
 
     ``calibration_ids``: (nsamples, seqlen) token windows; may be None for pruners that need no data.
+    ``true_sequential``: prune each Linear inside the block's forward as soon as its input is known, with the
+    whole calibration set as one batch, so later layers of a block see pruned inputs and each block runs once
+    (:func:`msp.pipeline.inline_block_pass`); the default runs a statistics pass on the block's inputs, prunes
+    the block, then runs it again to propagate (Wanda's and SparseGPT's reference order).
     Returns one :class:`LayerReport` per layer with the measured sparsity.
     """
     pattern = Pattern.parse(pattern)
@@ -63,24 +68,31 @@ def prune_(
     # non-zero counts stay on the device until the pass ends: no host round trip inside the per-layer loop
     pending: list[tuple[str, int, float, str, torch.Tensor]] = []
 
+    def prune_layer(index, prefix, local, lin, stats):
+        name = f"{prefix}.{index}.{local}"
+        target = allocation[name]
+        layer_pattern = pattern.for_layer(target)
+        new_weight = pruner.prune_weight(lin.weight.data, stats, target, layer_pattern)
+        lin.weight.data.copy_(new_weight)
+        pending.append((name, lin.weight.numel(), target, str(layer_pattern), torch.count_nonzero(lin.weight.data)))
+
     def on_block(index, prefix, block, linears, stats):
         for local, lin in linears.items():
-            name = f"{prefix}.{index}.{local}"
-            target = allocation[name]
-            layer_pattern = pattern.for_layer(target)
-            new_weight = pruner.prune_weight(lin.weight.data, stats.get(local), target, layer_pattern)
-            lin.weight.data.copy_(new_weight)
-            pending.append((name, lin.weight.numel(), target, str(layer_pattern), torch.count_nonzero(lin.weight.data)))
+            prune_layer(index, prefix, local, lin, stats.get(local))
         return True
+
+    def after_inline_block(index, prefix, block, linears, stats):
+        return True  # its layers were pruned inside the forward
 
     needs_data = pruner.needs_calibration
     if needs_data and (calibration_ids is None or calibration_ids.numel() == 0):
         raise ValueError(f"pruner {pruner.name} needs calibration data but none was given (data.nsamples >= 1)")
+    inline = bool(true_sequential) and needs_data
     sequential_pass(
         model,
         calibration_ids if needs_data else torch.empty(0, 1, dtype=torch.long),
         device,
-        on_block,
+        after_inline_block if inline else on_block,
         collect_stats=needs_data,
         need_hessian=pruner.needs_hessian,
         propagate=needs_data,
@@ -88,6 +100,7 @@ def prune_(
         store_device=store_device,
         desc=f"pruning ({pruner.name})",
         modifies_blocks=True,
+        on_layer=prune_layer if inline else None,
     )
     return [LayerReport(name, params, target, 1.0 - int(nonzero) / params, pat) for name, params, target, pat, nonzero in pending]
 

@@ -61,6 +61,12 @@ class RunSpec:
     streaming: str = "auto"  # auto | true | false: one decoder block at a time on the device (msp.streaming)
     gpu_budget_gb: float | None = None  # device memory budget for streaming decisions (None: the GPU's free memory)
     export: dict | None = None  # {"semi_structured": bool}: pack 2:4 layers (msp.export) at the end of the run
+    true_sequential: bool = False  # prune inside each block's forward, the calibration set as one batch (msp.prune.prune_)
+
+
+def prune_batch_size(spec: RunSpec) -> int:
+    """Windows per block forward while pruning: all of them with ``true_sequential`` (one inline pass)."""
+    return int(spec.data["nsamples"]) if spec.true_sequential else int(spec.batch_size)
 
 
 def validate_early(spec: RunSpec) -> None:
@@ -104,7 +110,7 @@ def validate_early(spec: RunSpec) -> None:
         skeleton = skeleton_model(spec.model)
         if skeleton is not None:
             plan_streaming(skeleton.to(resolve_dtype(spec.dtype, device)), device, spec.streaming, spec.gpu_budget_gb,
-                           batch_size=spec.batch_size, seqlen=int(d["seqlen"]), nsamples=int(d["nsamples"]),
+                           batch_size=prune_batch_size(spec), seqlen=int(d["seqlen"]), nsamples=int(d["nsamples"]),
                            need_hessian=bool(getattr(spec.pruner, "needs_hessian", False)))
     if (spec.export or {}).get("semi_structured"):
         from msp.export import ExportError, check_export_pattern
@@ -138,7 +144,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         loaded: LoadedModel = load_model(spec.model, dtype=dtype, seed=spec.seed, revision=spec.model_revision)
         data_mod.check_seqlen(seqlen, loaded.max_seqlen)
         check_pattern_fits(loaded.model, spec.pattern)
-        plan = plan_streaming(loaded.model, device, spec.streaming, spec.gpu_budget_gb, batch_size=spec.batch_size,
+        plan = plan_streaming(loaded.model, device, spec.streaming, spec.gpu_budget_gb, batch_size=prune_batch_size(spec),
                               seqlen=seqlen, nsamples=nsamples, need_hessian=bool(getattr(spec.pruner, "needs_hessian", False)))
         if not plan.stream:
             loaded.model.to(device)  # streaming keeps the model on the CPU; msp.pipeline moves one block at a time
@@ -187,7 +193,8 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
     allocation.save(run_dir / "allocation.json")
 
     with meter.stage("prune"):
-        reports = prune_(model, spec.pruner, allocation, calibration_ids, device, spec.pattern, spec.batch_size, store_device=plan.store)
+        reports = prune_(model, spec.pruner, allocation, calibration_ids, device, spec.pattern, spec.batch_size, store_device=plan.store,
+                         true_sequential=spec.true_sequential)
     measured = weighted_sparsity(reports)
     log.info("measured sparsity (parameter-weighted over %d Linear layers): %.4f", len(reports), measured)
 

@@ -16,6 +16,9 @@ log = logging.getLogger(__name__)
 
 #: dotted keys that do not change a run's numbers: where things are written, how they are logged
 OUTPUT_ONLY_KEYS = ("cache_dir", "use_cache", "skip_done", "done_dirs", "logger", "experiment", "zeroshot.data_dir")
+#: options added after runs were recorded, at the value that reproduces the earlier behaviour: dropped from the hash
+#: at that value, so finished runs still count as done; any other value is part of the hash as usual
+NEUTRAL_DEFAULTS = {"true_sequential": False}
 RESULTS = "results.json"
 SKIPPED = "skipped.json"
 
@@ -37,6 +40,9 @@ def config_hash(config: dict) -> str:
     tree.pop("hydra", None)
     for key in OUTPUT_ONLY_KEYS:
         _drop(tree, key)
+    for key, neutral in NEUTRAL_DEFAULTS.items():
+        if key in tree and tree[key] == neutral:
+            del tree[key]
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -40,6 +40,16 @@ def test_cli_tiny_llama_writes_valid_results(tmp_path):
     assert abs(float((q == 0).float().mean()) - 0.6) < 0.02
 
 
+def test_cli_true_sequential_prunes_in_one_pass_to_the_target(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = msp("model=tiny-llama", "data=tiny", "pruner=wanda", "sparsity=0.7", "true_sequential=true", "eval=none",
+               f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((run_dir / "results.json").read_text())
+    assert abs(res["sparsity"] - 0.7) < 0.01 and all(abs(l["measured"] - 0.7) < 0.01 for l in res["layers"])
+    assert "true_sequential: true" in (run_dir / ".hydra" / "config.yaml").read_text()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
