@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from msp.cli import CONF_DIR, spec_from_config
 from msp.eval.perplexity import perplexity, streamed_perplexity
+from msp.masks import Pattern
 from msp.models import build_tiny_model, prunable_layers
 from msp.run import ConfigError, run, validate_early
 from msp.streaming import GiB, StreamingError, plan_streaming
@@ -129,3 +130,43 @@ def test_a_block_too_big_is_refused_before_loading_weights(tmp_path, cpu):
     with pytest.raises(StreamingError, match="one decoder block needs"):
         validate_early(spec)
     validate_early(_spec(tmp_path, "streaming=true", "gpu_budget_gb=0.003"))
+
+
+@pytest.mark.parametrize("metric", ["kl", "ppl"])
+def test_streamed_search_fitness_equals_the_resident_forward(metric, cpu):
+    """A candidate's fitness with the model streamed block by block equals the ordinary forward's."""
+    import numpy as np
+
+    from msp.pruners import WandaPruner
+    from msp.search.fitness import CandidateModel, ModelFitness, precompute_variants
+
+    model = build_tiny_model("tiny-llama", seed=3).model.eval()
+    layers = prunable_layers(model)
+    calib = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    windows = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(2))
+    variants = precompute_variants(model, layers, WandaPruner(), Pattern.parse("unstructured"), calib, cpu)
+    units = [[n] for n in layers]
+    levels = [0.3, 0.6, 0.9]
+    values = {}
+    for streamed in (False, True):
+        candidate = CandidateModel(layers, variants, units, lambda u, l: levels[l])
+        fitness = ModelFitness(model, candidate, windows, [2, 3], cpu, metric, batch_size=2, streamed=streamed, store_device=cpu)
+        genome = np.arange(len(units)) % 3
+        values[streamed] = (fitness(genome, 0), fitness(genome, 1), fitness.dense_value)
+        candidate.restore()
+    assert values[True] == pytest.approx(values[False], rel=1e-5)
+    assert values[False][1] != values[False][2]  # the candidate really is pruned (KL > 0, another perplexity)
+
+
+def test_streaming_search_run_gives_the_same_allocation_as_in_memory(tmp_path):
+    """allocation=msp with streaming=true (pretend 3 MiB budget) on CPU: the same search history and allocation."""
+    results = {}
+    for mode in ("false", "true"):
+        spec = _spec(tmp_path, "allocation=msp", "allocation.generations=2", "sparsity=0.6", f"streaming={mode}", "gpu_budget_gb=0.003")
+        results[mode] = run(spec, tmp_path / f"search_{mode}")
+    on, off = results["true"], results["false"]
+    assert on["streaming"]["stream"] is True
+    best = lambda r: [h["best"] for h in r["search"]["history"]]  # noqa: E731
+    assert best(on) == pytest.approx(best(off), rel=1e-5) and len(best(on)) == 3  # generation 0 + 2
+    assert [l["target"] for l in on["layers"]] == [l["target"] for l in off["layers"]]
+    assert on["ppl"]["wiki"] == pytest.approx(off["ppl"]["wiki"], rel=1e-5)

@@ -442,7 +442,10 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocation:
         raise AllocationError(str(exc)) from None
     candidate = CandidateModel(ctx.layers, variants, units, grid.sparsity)
     try:
-        fitness = ModelFitness(ctx.model, candidate, windows, windows_per_stage, ctx.device, metric, st.fitness_batch_size)
+        plan = ctx.extras.get("streaming")
+        streamed = bool(getattr(plan, "stream", False))
+        fitness = ModelFitness(ctx.model, candidate, windows, windows_per_stage, ctx.device, metric, st.fitness_batch_size,
+                               streamed=streamed, store_device=getattr(plan, "store", None) if streamed else None)
         precompute_seconds, precompute_cpu = time.perf_counter() - t0, time.process_time() - c0
         log.info("search: precompute (%s variants, dense reference) took %.1f s", mode, precompute_seconds)
         evolution.fitness = fitness

@@ -323,7 +323,12 @@ def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 class ModelFitness:
     """``fitness(genome, stage)``: the candidate's KL to the dense model (or its perplexity) on the first
     ``stage_windows[stage]`` held-out windows. Build it while the dense weights are in place: the dense
-    log-probabilities are cached at construction."""
+    log-probabilities are cached at construction.
+
+    ``streamed``: the model stays where it is (the CPU) and each candidate's forward visits ``device`` one
+    decoder block at a time (:func:`msp.pipeline.stream_blocks`), activations between blocks on
+    ``store_device`` — the search of a model bigger than the GPU. Same numbers as the resident forward.
+    """
 
     def __init__(
         self,
@@ -334,12 +339,16 @@ class ModelFitness:
         device: torch.device,
         metric: str = "kl",
         batch_size: int = 4,
+        *,
+        streamed: bool = False,
+        store_device: torch.device | None = None,
     ):
         if metric not in METRICS:
             raise SearchError(f"allocation.fitness={metric!r} is unknown; valid: {', '.join(METRICS)}")
         if candidate.current is not None:
             raise SearchError("build the fitness before any candidate is applied (the dense reference is cached first)")
         self.model, self.candidate, self.device = model, candidate, device
+        self.streamed, self.store_device = bool(streamed), store_device
         self.windows = windows
         self.stage_windows = [int(n) for n in stage_windows]
         if max(self.stage_windows) > windows.shape[0]:
@@ -349,9 +358,8 @@ class ModelFitness:
         self.dense_logp: list[torch.Tensor] = []
         if metric == "kl":
             n = max(self.stage_windows)
-            for start in tqdm(range(0, n, self.batch_size), desc="search: dense reference", unit="batch", leave=False):
-                batch = windows[start : min(start + self.batch_size, n)].to(device)
-                self.dense_logp.append(F.log_softmax(_logits(model, batch), dim=-1).to("cpu"))
+            for _, batch, logits in self._batches(n, desc="search: dense reference"):
+                self.dense_logp.append(F.log_softmax(logits, dim=-1).to("cpu"))
         self.dense_value = 0.0 if metric == "kl" else self._ppl(max(self.stage_windows))
 
     def __call__(self, genome: np.ndarray, stage: int) -> float:
@@ -360,12 +368,30 @@ class ModelFitness:
         return self._kl(n) if self.metric == "kl" else self._ppl(n)
 
     @torch.no_grad()
+    def _batches(self, n: int, desc: str | None = None):
+        """(batch index, token ids on the device, float32 logits) for the first ``n`` windows, in batches."""
+        windows = self.windows[:n]
+        if not self.streamed:
+            starts = range(0, n, self.batch_size)
+            for b, start in enumerate(tqdm(starts, desc=desc, unit="batch", leave=False) if desc else starts):
+                batch = windows[start : start + self.batch_size].to(self.device)
+                yield b, batch, _logits(self.model, batch)
+            return
+        from msp.pipeline import head_from_hidden, stream_blocks
+
+        streamed = stream_blocks(self.model, windows, self.device, batch_size=self.batch_size,
+                                 store_device=self.store_device, desc=desc or "search: streamed candidate")
+        with head_from_hidden(self.model, streamed.tuple_out) as logits_fn:
+            for b, hidden in enumerate(streamed.final.hidden):
+                batch = windows[b * self.batch_size : (b + 1) * self.batch_size].to(self.device)
+                yield b, batch, logits_fn(batch, hidden.to(self.device)).float()
+
+    @torch.no_grad()
     def _kl(self, n: int) -> float:
         total, count = 0.0, 0
-        for b, start in enumerate(range(0, n, self.batch_size)):
-            stop = min(start + self.batch_size, n)
-            logp = F.log_softmax(_logits(self.model, self.windows[start:stop].to(self.device)), dim=-1)
-            ref = self.dense_logp[b][: stop - start].to(logp.device)
+        for b, batch, logits in self._batches(n):
+            logp = F.log_softmax(logits, dim=-1)
+            ref = self.dense_logp[b][: batch.shape[0]].to(logp.device)
             kl = (ref.exp() * (ref - logp)).sum(dim=-1)  # (batch, seqlen): KL(dense ‖ candidate) per token
             total += float(kl.sum())
             count += kl.numel()
@@ -374,9 +400,8 @@ class ModelFitness:
     @torch.no_grad()
     def _ppl(self, n: int) -> float:
         total, count = 0.0, 0
-        for start in range(0, n, self.batch_size):
-            batch = self.windows[start : min(start + self.batch_size, n)].to(self.device)
-            logits = _logits(self.model, batch)[:, :-1]
+        for _, batch, logits in self._batches(n):
+            logits = logits[:, :-1]
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
             total += float(nll)
             count += batch[:, 1:].numel()
