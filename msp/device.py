@@ -92,6 +92,39 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise DeviceError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N")
 
 
+def resolve_devices(spec) -> list[torch.device]:
+    """``eval.devices``: None / empty → [] (evaluate on the run's device); ``all`` → every visible GPU; a list (or a
+    comma-separated string) of device names, each checked like ``device=``."""
+    if spec is None or spec == "" or (isinstance(spec, (list, tuple)) and not spec):
+        return []
+    if isinstance(spec, str) and spec.strip().lower() == "all":
+        if not cuda_available():
+            raise DeviceError("eval.devices=all but no CUDA GPU is visible; leave eval.devices=null to evaluate on device=")
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    devices = [resolve_device(str(n)) for n in names if str(n).strip()]
+    if len(set(devices)) != len(devices):
+        raise DeviceError(f"eval.devices={spec} names a device twice; list each device once, e.g. eval.devices=[cuda:0,cuda:1]")
+    return devices
+
+
+def balanced_split(sizes: list[int], parts: int) -> list[int]:
+    """Part index of each item: contiguous runs in order, starting at part 0 and never skipping a part, each part's
+    total as close to an equal share as the order allows (an item goes to the part its midpoint falls in). Used to
+    lay decoder blocks over devices."""
+    if parts < 1:
+        raise ValueError("need at least one part")
+    total = max(1, sum(int(x) for x in sizes))
+    out: list[int] = []
+    seen = 0
+    for size in sizes:
+        p = min(parts - 1, (2 * seen + int(size)) * parts // (2 * total))
+        p = 0 if not out else min(max(p, out[-1]), out[-1] + 1)
+        out.append(p)
+        seen += int(size)
+    return out
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto`` → float32 on CPU, bfloat16 on GPUs that support it (else float16)."""
     name = str(name).strip().lower()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,7 +19,7 @@ from msp import data as data_mod
 from msp.allocation import Allocation
 from msp.allocation.build import AllocationContext, build_allocation
 from msp.cache import DiskCache, cache_key
-from msp.device import StageMeter, is_gpu, resolve_device, resolve_dtype
+from msp.device import StageMeter, is_gpu, resolve_device, resolve_devices, resolve_dtype
 from msp.eval.perplexity import perplexity, streamed_perplexity
 from msp.io import write_json_atomic
 from msp.masks import Pattern, check_sparsity
@@ -99,6 +100,7 @@ def validate_early(spec: RunSpec) -> None:
         for name, lin in (skeleton_layers(spec.model) or {}).items():
             spec.pattern.check_divides(name, lin.in_features)
     resolve_dtype(spec.dtype, resolve_device(spec.device))  # device=cuda without a GPU, bf16 on an old GPU: fail now
+    resolve_devices(spec.eval.get("devices"))  # eval.devices naming a GPU that is not there: fail now
     try:
         parse_streaming_mode(spec.streaming)
     except StreamingError as exc:
@@ -153,6 +155,18 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         ppl_fn = partial(streamed_perplexity, store_device=plan.store, windows_per_pass=max(nsamples, int(spec.eval.get("batch_size", 1))))
     else:
         ppl_fn = perplexity
+    eval_devices = resolve_devices(spec.eval.get("devices"))
+
+    @contextmanager
+    def evaluation_devices():
+        """(perplexity function, input device): the run's own, or the model spread over ``eval.devices``."""
+        if not eval_devices:
+            yield ppl_fn, device
+            return
+        from msp.eval.multi_device import spread_over
+
+        with spread_over(model, eval_devices) as first:
+            yield perplexity, first
     model_key = {"model": spec.model, "revision": spec.model_revision, "dtype": str(dtype)}
 
     with meter.stage("data"):
@@ -168,10 +182,10 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
     eval_bs = int(spec.eval.get("batch_size", 1))
     dense_ppl: dict[str, float] = {}
     if not skip_eval and spec.eval.get("dense", True):
-        with meter.stage("dense_eval"):
+        with meter.stage("dense_eval"), evaluation_devices() as (ppl_of, eval_device):
             for name, windows in eval_windows.items():
                 key = cache_key("dense_ppl", **model_key, dataset=name, seqlen=seqlen, windows=int(windows.shape[0]))
-                dense_ppl[name] = float(cache.get_or_compute(key, lambda w=windows: ppl_fn(model, w, device, eval_bs, f"dense ppl {name}")))
+                dense_ppl[name] = float(cache.get_or_compute(key, lambda w=windows: ppl_of(model, w, eval_device, eval_bs, f"dense ppl {name}")))
                 log.info("dense perplexity on %s: %.3f", name, dense_ppl[name])
 
     dense_zs: dict = {}
@@ -200,9 +214,9 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
 
     ppl: dict[str, float] = {}
     if not skip_eval:
-        with meter.stage("eval"):
+        with meter.stage("eval"), evaluation_devices() as (ppl_of, eval_device):
             for name, windows in eval_windows.items():
-                ppl[name] = ppl_fn(model, windows, device, eval_bs, f"pruned ppl {name}")
+                ppl[name] = ppl_of(model, windows, eval_device, eval_bs, f"pruned ppl {name}")
                 log.info("pruned perplexity on %s: %.3f", name, ppl[name])
 
     results: dict[str, Any] = {
@@ -228,6 +242,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         "peak_memory_bytes": meter.peak_bytes,
         "peak_memory_by_stage": meter.peak_memory,
         "streaming": plan.to_json(),
+        "eval_devices": [str(d) for d in eval_devices] or [str(device)],
         "cache": {"hits": cache.hits, "misses": cache.misses},
         "experiment": spec.experiment,
         "config_hash": spec.config_hash,

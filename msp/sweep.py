@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 OUTPUT_ONLY_KEYS = ("cache_dir", "use_cache", "skip_done", "done_dirs", "logger", "experiment", "zeroshot.data_dir")
 #: options added after runs were recorded, at the value that reproduces the earlier behaviour: dropped from the hash
 #: at that value, so finished runs still count as done; any other value is part of the hash as usual
-NEUTRAL_DEFAULTS = {"true_sequential": False}
+NEUTRAL_DEFAULTS = {"true_sequential": False, "eval.devices": None}
 RESULTS = "results.json"
 SKIPPED = "skipped.json"
 
@@ -41,8 +41,12 @@ def config_hash(config: dict) -> str:
     for key in OUTPUT_ONLY_KEYS:
         _drop(tree, key)
     for key, neutral in NEUTRAL_DEFAULTS.items():
-        if key in tree and tree[key] == neutral:
-            del tree[key]
+        *parents, leaf = key.split(".")
+        node: Any = tree
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == neutral:
+            del node[leaf]
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
