@@ -305,6 +305,31 @@ def test_candidate_swaps_only_changed_units_and_ppl_fitness_is_the_models_perple
     assert all(torch.equal(layers[n].weight.data, dense[n]) for n in names)
 
 
+def test_kl_fitness_is_the_mean_token_kl_to_the_dense_model():
+    """The cached-reference KL (Σ p log p − Σ p z + logsumexp z) equals KL computed from both log-softmaxes."""
+    import torch.nn.functional as F
+
+    lm = build_tiny_model("tiny-llama", seed=4)
+    model = lm.model.eval()
+    layers = prunable_layers(model)
+    variants = precompute_variants(model, layers, MagnitudePruner(), Pattern.parse("unstructured"), None, torch.device("cpu"))
+    names = list(layers)
+    candidate = CandidateModel(layers, variants, [[n] for n in names], lambda u, l: 0.2 * l)
+    windows = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        dense_logp = F.log_softmax(model(input_ids=windows).logits.float(), dim=-1)
+    fitness = ModelFitness(model, candidate, windows, [2, 5], torch.device("cpu"), metric="kl", batch_size=2)
+    genome = np.array([1 + i % 4 for i in range(len(names))])
+    for stage, n in ((0, 2), (1, 5)):
+        value = fitness(genome, stage)
+        with torch.no_grad():
+            logq = F.log_softmax(model(input_ids=windows[:n]).logits.float(), dim=-1)
+        expected = float((dense_logp[:n].exp() * (dense_logp[:n] - logq)).sum(-1).mean())
+        # float32: the three per-token terms are ~log(vocab) each, so the difference carries ~1e-6 absolute error
+        assert value == pytest.approx(expected, rel=1e-4, abs=2e-6) and value > 0
+    candidate.restore()
+
+
 # ------------------------------------------------------------------------------------------ allocator on tiny-llama
 
 

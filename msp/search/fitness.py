@@ -355,11 +355,19 @@ class ModelFitness:
             raise SearchError(f"the stages need {max(self.stage_windows)} fitness windows but only {windows.shape[0]} were given")
         self.metric = metric
         self.batch_size = max(1, int(batch_size))
-        self.dense_logp: list[torch.Tensor] = []
+        # KL(p‖q) per token = Σ_v p_v log p_v − (Σ_v p_v z_v − logsumexp(z)) for candidate logits z, as Σ_v p_v = 1:
+        # the dense p and its Σ p log p are cached once, so a candidate costs one logsumexp and one dot per token
+        # (no log-softmax of the candidate, no exp of the reference)
+        self.dense_p: list[torch.Tensor] = []
+        self.dense_plogp: list[torch.Tensor] = []
         if metric == "kl":
             n = max(self.stage_windows)
             for _, batch, logits in self._batches(n, desc="search: dense reference"):
-                self.dense_logp.append(F.log_softmax(logits, dim=-1).to("cpu"))
+                logp = F.log_softmax(logits, dim=-1)
+                p = logp.exp()
+                self.dense_plogp.append((p * logp).sum(dim=-1).to("cpu"))
+                self.dense_p.append(p.to("cpu"))
+                del logp, p
         self.dense_value = 0.0 if metric == "kl" else self._ppl(max(self.stage_windows))
 
     def __call__(self, genome: np.ndarray, stage: int) -> float:
@@ -390,9 +398,12 @@ class ModelFitness:
     def _kl(self, n: int) -> float:
         total, count = 0.0, 0
         for b, batch, logits in self._batches(n):
-            logp = F.log_softmax(logits, dim=-1)
-            ref = self.dense_logp[b][: batch.shape[0]].to(logp.device)
-            kl = (ref.exp() * (ref - logp)).sum(dim=-1)  # (batch, seqlen): KL(dense ‖ candidate) per token
+            rows = batch.shape[0]
+            p = self.dense_p[b][:rows].to(logits.device)
+            plogp = self.dense_plogp[b][:rows].to(logits.device)
+            vocab = logits.shape[-1]
+            pz = torch.bmm(p.reshape(-1, 1, vocab), logits.reshape(-1, vocab, 1)).view(plogp.shape)  # Σ_v p_v z_v
+            kl = plogp - pz + torch.logsumexp(logits, dim=-1)  # (batch, seqlen): KL(dense ‖ candidate) per token
             total += float(kl.sum())
             count += kl.numel()
         return total / count
