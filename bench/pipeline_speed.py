@@ -12,7 +12,8 @@ For each pruner (magnitude, Wanda, SparseGPT by default) on the same calibration
   per-layer variants: score rankings for magnitude/Wanda, a per-level weight store for SparseGPT) as a ratio to
   the forward, and one candidate's fitness — put the genome's weights in place, then KL to the dense model on
   ``--fitness-windows`` × ``--fitness-seqlen`` held-out tokens — as a ratio to a bare forward over the same
-  tokens, with the weight swap timed on its own; random genomes over ``--levels`` levels per block.
+  tokens, with the weight swap timed on its own; a random genome over ``--levels`` levels per block, then
+  candidates that each move 1-3 blocks of the previous one to another level (the search's mutation).
 
 Runs on the CPU now and on a GPU later (``--device cuda``); timings are medians of ``--repeats`` after a warm-up.
 Writes ``bench/results/pipeline_speed_<model>_<device>.json`` and ``.md``. Issue 5 targets: Wanda ≤ 1.3×
@@ -195,7 +196,12 @@ def bench_search(model, tokenizer, ids, device, meter, args, pruners: list[str],
 
     bare_s = statistics.median(timed(bare_forward, device, max(3, args.repeats)))
     rng = np.random.default_rng(0)
-    genomes = [rng.integers(0, len(levels), len(units)) for _ in range(args.candidates + 1)]
+    genomes = [rng.integers(0, len(levels), len(units))]
+    for _ in range(args.candidates):  # like the search's mutations: each candidate moves 1-3 units of the previous one
+        g = genomes[-1].copy()
+        for u in rng.choice(len(units), size=int(rng.integers(1, 4)), replace=False):
+            g[u] = (g[u] + int(rng.integers(1, len(levels)))) % len(levels)
+        genomes.append(g)
     out = {"levels": levels, "units": len(units), "fitness_tokens": fit_tokens, "bare_forward_s": bare_s,
            "bare_forward_tokens_per_s": fit_tokens / bare_s, "pruners": {}}
     for name in pruners:
@@ -264,7 +270,8 @@ def markdown(r: dict) -> str:
         s = r["search"]
         lines += [
             "",
-            f"Search ({s['units']} block units, levels {', '.join(f'{x:g}' for x in s['levels'])}; random genomes): fitness = KL to the "
+            f"Search ({s['units']} block units, levels {', '.join(f'{x:g}' for x in s['levels'])}; each candidate moves 1-3 units of the "
+            f"previous one, as the search's mutations do): fitness = KL to the "
             f"dense model on {s['fitness_tokens']} held-out tokens; bare forward over them {s['bare_forward_s']:.3f} s "
             f"({s['bare_forward_tokens_per_s']:.0f} tokens/s).",
             "",

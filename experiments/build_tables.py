@@ -101,6 +101,8 @@ def method_of(r: dict) -> str:
     label = r["pruner"] if r.get("allocation", "uniform") == "uniform" else f"{r['pruner']} + {r['allocation']}"
     if r.get("pattern", "unstructured") != "unstructured":
         label += f" {r['pattern']}"
+    if r.get("true_sequential"):
+        label += " (true sequential)"
     return label
 
 

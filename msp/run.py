@@ -243,6 +243,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         "peak_memory_by_stage": meter.peak_memory,
         "streaming": plan.to_json(),
         "eval_devices": [str(d) for d in eval_devices] or [str(device)],
+        "true_sequential": spec.true_sequential,
         "cache": {"hits": cache.hits, "misses": cache.misses},
         "experiment": spec.experiment,
         "config_hash": spec.config_hash,
