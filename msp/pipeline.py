@@ -123,6 +123,15 @@ BlockCallback = Callable[[int, str, nn.Module, dict[str, nn.Linear], dict[str, L
 LayerCallback = Callable[[int, str, str, nn.Linear, LayerStats], None]
 
 
+def _shared_update(shared: dict[int, tuple[torch.Tensor, StatsUpdate]], x: torch.Tensor, need_hessian: bool) -> StatsUpdate:
+    """The statistics update of input ``x``, computed once for all layers that read the same tensor (q/k/v)."""
+    hit = shared.get(id(x))
+    if hit is None or hit[0] is not x:
+        hit = (x, input_update(x, need_hessian))
+        shared[id(x)] = hit
+    return hit[1]
+
+
 def inline_block_pass(
     block: nn.Module,
     linears: dict[str, nn.Linear],
@@ -149,13 +158,8 @@ def inline_block_pass(
         def hook(module, args):
             if name in done:  # a layer called twice in one forward keeps its first pruning
                 return
-            x = args[0]
-            hit = shared.get(id(x))
-            if hit is None or hit[0] is not x:
-                hit = (x, input_update(x, need_hessian))
-                shared[id(x)] = hit
             stats = LayerStats(module.in_features, need_hessian)
-            stats.add_update(hit[1])
+            stats.add_update(_shared_update(shared, args[0], need_hessian))
             on_layer(name, module, stats)
             done.add(name)
 
@@ -201,12 +205,7 @@ def collect_block_stats(
 
     def make_hook(name: str):
         def hook(module, args):
-            x = args[0]
-            hit = shared.get(id(x))
-            if hit is None or hit[0] is not x:
-                hit = (x, input_update(x, need_hessian))
-                shared[id(x)] = hit
-            stats[name].add_update(hit[1])
+            stats[name].add_update(_shared_update(shared, args[0], need_hessian))
             order.append(name)
             if name == stop_after[0]:
                 raise _StopForward
@@ -408,3 +407,21 @@ def head_from_hidden(model: nn.Module, tuple_out: bool) -> Iterator[Callable[[to
         for i, b in enumerate(originals):
             blocks[i] = b
 
+
+@torch.no_grad()
+def streamed_logits(
+    model: nn.Module,
+    windows: torch.Tensor,
+    device: torch.device,
+    *,
+    batch_size: int = 1,
+    store_device: torch.device | None = None,
+    desc: str = "streaming blocks",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(token ids on ``device``, logits) per batch of ``windows``, the blocks visiting ``device`` one at a time
+    (:func:`stream_blocks`) and the head applied per batch (:func:`head_from_hidden`)."""
+    streamed = stream_blocks(model, windows, device, batch_size=batch_size, store_device=store_device, desc=desc)
+    with head_from_hidden(model, streamed.tuple_out) as logits_fn:
+        for b, hidden in enumerate(streamed.final.hidden):
+            batch = windows[b * batch_size : (b + 1) * batch_size].to(device)
+            yield batch, logits_fn(batch, hidden.to(device))

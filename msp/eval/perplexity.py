@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
-def _batch_nll(logits: torch.Tensor, batch: torch.Tensor) -> tuple[float, int]:
+def batch_nll(logits: torch.Tensor, batch: torch.Tensor) -> tuple[float, int]:
     """Σ_t −log p(x_{t+1} | x_≤t) over a batch (float32), and the number of predicted tokens."""
     shift = logits[:, :-1, :].float()
     target = batch[:, 1:].to(shift.device)
@@ -28,7 +28,7 @@ def window_nll(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
     total, count = 0.0, 0
     for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="batch", leave=False):
         batch = windows[start : start + batch_size].to(device)
-        nll, n = _batch_nll(model(input_ids=batch, use_cache=False).logits, batch)
+        nll, n = batch_nll(model(input_ids=batch, use_cache=False).logits, batch)
         total += nll
         count += n
     return total, count
@@ -55,21 +55,18 @@ def streamed_window_nll(
     Windows go through the blocks in passes of ``windows_per_pass`` (all at once when None), whose hidden
     states live on ``store_device`` between blocks; each pass moves every block to the device once.
     """
-    from msp.pipeline import head_from_hidden, stream_blocks
+    from msp.pipeline import streamed_logits
 
     per_pass = int(windows_per_pass or windows.shape[0])
     per_pass = max(batch_size, per_pass - per_pass % batch_size)  # whole batches, as window_nll groups them
     total, count = 0.0, 0
     for start in range(0, windows.shape[0], per_pass):
         chunk = windows[start : start + per_pass]
-        streamed = stream_blocks(model, chunk, device, batch_size=batch_size, store_device=store_device,
-                                 desc=f"{desc}: windows {start + 1}-{start + chunk.shape[0]}/{windows.shape[0]}")
-        with head_from_hidden(model, streamed.tuple_out) as logits_fn:
-            for b, hidden in enumerate(streamed.final.hidden):
-                batch = chunk[b * batch_size : (b + 1) * batch_size].to(device)
-                nll, n = _batch_nll(logits_fn(batch, hidden.to(device)), batch)
-                total += nll
-                count += n
+        for batch, logits in streamed_logits(model, chunk, device, batch_size=batch_size, store_device=store_device,
+                                             desc=f"{desc}: windows {start + 1}-{start + chunk.shape[0]}/{windows.shape[0]}"):
+            nll, n = batch_nll(logits, batch)
+            total += nll
+            count += n
     return total, count
 
 

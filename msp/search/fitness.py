@@ -36,7 +36,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from msp.masks import Pattern, prune_count
-from msp.pipeline import sequential_pass
+from msp.eval.perplexity import batch_nll
+from msp.pipeline import sequential_pass, streamed_logits
 from msp.pruners import Pruner
 from msp.search.evolution import SearchError
 
@@ -356,7 +357,7 @@ class ModelFitness:
         self.metric = metric
         self.batch_size = max(1, int(batch_size))
         # KL(p‖q) per token = Σ_v p_v log p_v − Σ_v p_v log q_v: the dense p and its Σ p log p are cached once, so a
-        # candidate costs its log-softmax and one dot per token (no exp of the reference, no elementwise difference)
+        # candidate costs its log-softmax and one product-sum per token (no exp of the reference, no elementwise difference)
         self.dense_p: list[torch.Tensor] = []
         self.dense_plogp: list[torch.Tensor] = []
         if metric == "kl":
@@ -384,14 +385,10 @@ class ModelFitness:
                 batch = windows[start : start + self.batch_size].to(self.device)
                 yield b, batch, _logits(self.model, batch)
             return
-        from msp.pipeline import head_from_hidden, stream_blocks
-
-        streamed = stream_blocks(self.model, windows, self.device, batch_size=self.batch_size,
-                                 store_device=self.store_device, desc=desc or "search: streamed candidate")
-        with head_from_hidden(self.model, streamed.tuple_out) as logits_fn:
-            for b, hidden in enumerate(streamed.final.hidden):
-                batch = windows[b * self.batch_size : (b + 1) * self.batch_size].to(self.device)
-                yield b, batch, logits_fn(batch, hidden.to(self.device)).float()
+        batches = streamed_logits(self.model, windows, self.device, batch_size=self.batch_size,
+                                  store_device=self.store_device, desc=desc or "search: streamed candidate")
+        for b, (batch, logits) in enumerate(batches):
+            yield b, batch, logits.float()
 
     @torch.no_grad()
     def _kl(self, n: int) -> float:
@@ -412,10 +409,9 @@ class ModelFitness:
     def _ppl(self, n: int) -> float:
         total, count = 0.0, 0
         for _, batch, logits in self._batches(n):
-            logits = logits[:, :-1]
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-            total += float(nll)
-            count += batch[:, 1:].numel()
+            nll, tokens = batch_nll(logits, batch)
+            total += nll
+            count += tokens
         return math.exp(total / count)
 
 
