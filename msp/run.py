@@ -200,11 +200,15 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         model=model, layers=layers, target=spec.sparsity, pattern=spec.pattern, device=device, pruner=spec.pruner,
         calibration_ids=calibration_ids, heldout_tokens=split.heldout_tokens, seqlen=seqlen, seed=spec.seed,
         cache=cache, cache_fields={**model_key, "data": d["calibration"], "nsamples": nsamples, "seqlen": seqlen, "seed": spec.seed},
-        run_dir=run_dir, batch_size=spec.batch_size, tracker=tracker, extras={"streaming": plan},
+        run_dir=run_dir, batch_size=spec.batch_size, tracker=tracker, plan=plan,
     )
     with meter.stage("allocation"):
-        allocation: Allocation = build_allocation(ctx, dict(spec.allocation))
+        outcome = build_allocation(ctx, dict(spec.allocation))
+    allocation: Allocation = outcome.allocation
     allocation.save(run_dir / "allocation.json")
+    sensitivity = outcome.sensitivity
+    if sensitivity is not None:
+        write_json_atomic(run_dir / "sensitivity.json", sensitivity.to_json())
 
     with meter.stage("prune"):
         reports = prune_(model, spec.pruner, allocation, calibration_ids, device, spec.pattern, spec.batch_size, store_device=plan.store,
@@ -230,7 +234,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         "dense_ppl": dense_ppl,
         "ppl": ppl,
         "layers": [
-            {**r.to_json(), **({"sensitivity": ctx.extras["sensitivity"].get(r.name)} if "sensitivity" in ctx.extras else {})}
+            {**r.to_json(), **({"sensitivity": sensitivity.values.get(r.name)} if sensitivity is not None else {})}
             for r in reports
         ],
         "data": {"calibration": d["calibration"], "evaluation": list(d.get("evaluation", [])), "nsamples": nsamples,
@@ -248,9 +252,11 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         "experiment": spec.experiment,
         "config_hash": spec.config_hash,
     }
-    for key in ("search", "sensitivity_method", "sensitivity_seconds"):
-        if key in ctx.extras:
-            results[key] = ctx.extras[key]
+    if outcome.search is not None:
+        results["search"] = outcome.search
+    if sensitivity is not None:
+        results["sensitivity_method"] = sensitivity.method
+        results["sensitivity_seconds"] = sensitivity.seconds
     if dense_zs:
         results["dense_zeroshot"] = dense_zs
     if spec.zeroshot and spec.zeroshot.get("tasks"):

@@ -222,10 +222,10 @@ def allocations(tmp_path_factory):
     out = {}
     for pattern, target in PATTERNS.items():
         fisher_file = tmp_path_factory.mktemp("run") / "allocation.json"
-        build_allocation(_ctx(model, target, pattern, cache), ALLOCATORS["fisher"]).save(fisher_file)
+        build_allocation(_ctx(model, target, pattern, cache), ALLOCATORS["fisher"]).allocation.save(fisher_file)
         for name, options in ALLOCATORS.items():
             options = options or {"method": "file", "path": str(fisher_file)}
-            out[name, pattern] = build_allocation(_ctx(model, target, pattern, cache), dict(options))
+            out[name, pattern] = build_allocation(_ctx(model, target, pattern, cache), dict(options)).allocation
     return out
 
 
@@ -259,7 +259,7 @@ def test_allocations_meet_the_budget(allocations):
 
 
 def test_uniform_mixed_nm_mixes_two_levels():
-    alloc = build_allocation(_ctx(_base()[0], 0.7, "N:8", None), {"method": "uniform"})
+    alloc = build_allocation(_ctx(_base()[0], 0.7, "N:8", None), {"method": "uniform"}).allocation
     assert set(alloc.sparsities.values()) == {0.625, 0.75}  # not silently 0.75 everywhere
     assert abs(alloc.meta["achieved_mean"] - 0.7) < 0.7 - 0.625
 

@@ -352,8 +352,8 @@ SMALL = {"method": "msp", "granularity": "layer", "init": "uniform", "extra": []
 def test_search_lowers_the_fitness_on_tiny_llama_and_restores_the_dense_weights(tmp_path):
     ctx = _ctx(tmp_path)
     dense = {n: l.weight.detach().clone() for n, l in ctx.layers.items()}
-    alloc = build_allocation(ctx, {**SMALL, "generations": 6})
-    report = ctx.extras["search"]
+    outcome = build_allocation(ctx, {**SMALL, "generations": 6})
+    alloc, report = outcome.allocation, outcome.search
     assert report["best_fitness"] < report["initial_fitness"]
     assert report["history"][-1]["best"] == report["best_fitness"]
     assert len(report["history"]) == 7 and report["generations"] == 6
@@ -365,12 +365,13 @@ def test_search_lowers_the_fitness_on_tiny_llama_and_restores_the_dense_weights(
 
 
 def test_allocator_resume_continues_to_the_same_allocation(tmp_path):
-    fresh = build_allocation(_ctx(tmp_path / "fresh"), {**SMALL, "generations": 4})
+    fresh = build_allocation(_ctx(tmp_path / "fresh"), {**SMALL, "generations": 4}).allocation
     # a run stopped after 2 generations has exactly this checkpoint (generations does not change the dynamics)
     build_allocation(_ctx(tmp_path / "killed"), {**SMALL, "generations": 2})
     ctx = _ctx(tmp_path / "killed")
-    resumed = build_allocation(ctx, {**SMALL, "generations": 4, "resume": True})
-    assert ctx.extras["search"]["resumed_from"] == 2
+    outcome = build_allocation(ctx, {**SMALL, "generations": 4, "resume": True})
+    resumed = outcome.allocation
+    assert outcome.search["resumed_from"] == 2
     assert resumed.sparsities == fresh.sparsities
     # from another run dir, and a checkpoint of another configuration fails before any heavy work
     other = _ctx(tmp_path / "elsewhere", target=0.6)
@@ -380,12 +381,12 @@ def test_allocator_resume_continues_to_the_same_allocation(tmp_path):
 
 def test_mixed_nm_search_and_fixed_nm_fallback(tmp_path):
     ctx = _ctx(tmp_path, target=0.75, pattern="N:8")
-    alloc = build_allocation(ctx, {**SMALL, "generations": 2})
+    alloc = build_allocation(ctx, {**SMALL, "generations": 2}).allocation
     assert all(abs(s * 8 - round(s * 8)) < 1e-9 for s in alloc.sparsities.values())
     assert alloc.weighted_mean(ctx.params) == pytest.approx(0.75, abs=1e-12)
     ctx = _ctx(tmp_path, pattern="2:4")
-    alloc = build_allocation(ctx, {**SMALL})
-    assert set(alloc.sparsities.values()) == {0.5} and "skipped" in ctx.extras["search"]
+    outcome = build_allocation(ctx, {**SMALL})
+    assert set(outcome.allocation.sparsities.values()) == {0.5} and "skipped" in outcome.search
 
 
 @pytest.mark.parametrize(

@@ -231,12 +231,13 @@ def test_compute_sensitivity_caches_and_records(tmp_path):
     windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
     cache = DiskCache(tmp_path / "cache")
     ctx = _ctx(model, windows, cache, tmp_path)
-    first = compute_sensitivity(ctx, "fisher", {"normalize": False})
+    report = compute_sensitivity(ctx, "fisher", {"normalize": False})
+    first = report.values
     assert cache.misses == 1 and cache.hits == 0
-    assert ctx.extras["sensitivity_method"] == "fisher" and ctx.extras["sensitivity"] == first
-    assert (tmp_path / "sensitivity.json").exists()
+    assert report.method == "fisher" and report.seconds >= 0 and report.to_json()["layers"] == first
+    assert not (tmp_path / "sensitivity.json").exists()  # a pure stage: the run writes the file, not the computation
     # the normalised variant reuses the cached raw traces
-    normed = compute_sensitivity(_ctx(model, windows, cache), "fisher", {"normalize": True})
+    normed = compute_sensitivity(_ctx(model, windows, cache), "fisher", {"normalize": True}).values
     assert cache.hits == 1 and cache.misses == 1
     for n, lin in prunable_layers(model).items():
         assert normed[n] == pytest.approx(first[n] / lin.weight.numel())
@@ -244,7 +245,7 @@ def test_compute_sensitivity_caches_and_records(tmp_path):
     compute_sensitivity(_ctx(model, windows, cache), "fisher", {"nsamples": 1})
     assert cache.misses == 2
     # owl: one value per block, shared by its layers
-    owl = compute_sensitivity(_ctx(model, windows, cache), "owl", {"M": 5})
+    owl = compute_sensitivity(_ctx(model, windows, cache), "owl", {"M": 5}).values
     assert len({v for n, v in owl.items() if ".layers.0." in n}) == 1
     with pytest.raises(ValueError, match="valid: fisher, hessian, owl"):
         compute_sensitivity(ctx, "taylor", {})

@@ -26,7 +26,7 @@ from typing import Any
 
 from msp.allocation.base import Allocation, AllocationError
 from msp.allocation.budget import expand_blocks, fit_to_budget, round_to_levels, weighted_mean
-from msp.allocation.build import AllocationContext, bounds_from, register
+from msp.allocation.build import Allocated, AllocationContext, bounds_from, register
 from msp.models import find_blocks, layer_block_index
 
 log = logging.getLogger(__name__)
@@ -153,17 +153,18 @@ def _sensitivity_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: options[k] for k in ("nsamples", "normalize", "probes", "seed", "M") if k in options and options[k] is not None}
 
 
-def _sensitivity_allocator(ctx: AllocationContext, options: dict, method: str, signal: str, default_granularity: str) -> Allocation:
+def _sensitivity_allocator(ctx: AllocationContext, options: dict, method: str, signal: str, default_granularity: str) -> Allocated:
     from msp.sensitivity import compute_sensitivity
 
     fixed = fixed_pattern_allocation(ctx, method)
     if fixed is not None:
-        return fixed
+        return Allocated(fixed)
     granularity = _granularity(options, default_granularity)
     bounds = bounds_from(options, ctx.target)
     unit_params, layer_unit = units_of(ctx, granularity)
     sens_options = _sensitivity_options(options)
-    sens = compute_sensitivity(ctx, signal, sens_options)
+    report = compute_sensitivity(ctx, signal, sens_options)
+    sens = report.values
     normalized = signal == "owl" or bool(sens_options.get("normalize", True))
     unit_sens = unit_sensitivity(sens, layer_unit, ctx.params, normalized)
     meta: dict[str, Any] = {"granularity": granularity, "signal": signal, "bounds": list(bounds), "sensitivity_options": sens_options}
@@ -180,17 +181,17 @@ def _sensitivity_allocator(ctx: AllocationContext, options: dict, method: str, s
         raw = zscore_map(unit_sens, ctx.target, beta)
         meta["beta"] = beta
     meta["unit_sensitivity"] = unit_sens
-    return finish(ctx, method, raw, unit_params, layer_unit, bounds, meta)
+    return Allocated(finish(ctx, method, raw, unit_params, layer_unit, bounds, meta), sensitivity=report)
 
 
 @register("owl")
-def owl_allocator(ctx: AllocationContext, options: dict) -> Allocation:
+def owl_allocator(ctx: AllocationContext, options: dict) -> Allocated:
     """OWL: block sparsities in target ± λ from the blocks' outlier ratios (``lambda``, ``M``)."""
     return _sensitivity_allocator(ctx, options, "owl", "owl", "block")
 
 
 @register("rank")
-def rank_allocator(ctx: AllocationContext, options: dict) -> Allocation:
+def rank_allocator(ctx: AllocationContext, options: dict) -> Allocated:
     """arXiv 2310.09499 Algorithm 1: ranks by Hessian (or Fisher, ``signal``) trace mapped to target ± α."""
     signal = str(options.get("signal") or "hessian")
     if signal not in SIGNALS:
@@ -199,13 +200,13 @@ def rank_allocator(ctx: AllocationContext, options: dict) -> Allocation:
 
 
 @register("fisher")
-def fisher_allocator(ctx: AllocationContext, options: dict) -> Allocation:
+def fisher_allocator(ctx: AllocationContext, options: dict) -> Allocated:
     """MSP: Fisher-trace z-score map (``beta``) re-centred on the budget."""
     return _sensitivity_allocator(ctx, options, "fisher", "fisher", "layer")
 
 
 @register("hessian")
-def hessian_allocator(ctx: AllocationContext, options: dict) -> Allocation:
+def hessian_allocator(ctx: AllocationContext, options: dict) -> Allocated:
     """Hutchinson Hessian-trace z-score map (``beta``) re-centred on the budget."""
     return _sensitivity_allocator(ctx, options, "hessian", "hessian", "layer")
 

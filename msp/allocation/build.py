@@ -35,7 +35,8 @@ class AllocationContext:
     run_dir: Path | None = None
     batch_size: int = 4
     tracker: Any = None
-    extras: dict = field(default_factory=dict)  # what allocators report back (sensitivities, search history)
+    plan: Any = None  # msp.streaming.StreamingPlan of the run (None: resident); streamed stages read it
+
 
     @property
     def params(self) -> dict[str, int]:
@@ -46,7 +47,20 @@ class AllocationContext:
         return {n: l.weight.shape[0] for n, l in self.layers.items()}
 
 
-Allocator = Callable[[AllocationContext, dict], Allocation]
+@dataclass
+class Allocated:
+    """What an allocator hands back: the allocation, and what it measured on the way (for ``results.json``).
+
+    ``sensitivity``: the :class:`msp.sensitivity.SensitivityReport` the allocation was derived from (the search:
+    that of its start); ``search``: the search's report (``SearchReport.to_json()``), ``None`` for other methods.
+    """
+
+    allocation: Allocation
+    sensitivity: Any = None
+    search: dict | None = None
+
+
+Allocator = Callable[[AllocationContext, dict], Allocated]
 ALLOCATORS: dict[str, Allocator] = {}
 
 
@@ -68,7 +82,11 @@ def bounds_from(options: dict, target: float) -> tuple[float, float]:
 
 
 @register("uniform")
-def _uniform(ctx: AllocationContext, options: dict) -> Allocation:
+def _uniform(ctx: AllocationContext, options: dict) -> Allocated:
+    return Allocated(_uniform_allocation(ctx, options))
+
+
+def _uniform_allocation(ctx: AllocationContext, options: dict) -> Allocation:
     fixed = ctx.pattern.fixed_sparsity()
     if ctx.pattern.kind == "mixed_nm":
         # N:M with per-layer N: the target is generally between two levels k/M, so mix the two nearest
@@ -80,7 +98,11 @@ def _uniform(ctx: AllocationContext, options: dict) -> Allocation:
 
 
 @register("file")
-def _from_file(ctx: AllocationContext, options: dict) -> Allocation:
+def _from_file(ctx: AllocationContext, options: dict) -> Allocated:
+    return Allocated(_file_allocation(ctx, options))
+
+
+def _file_allocation(ctx: AllocationContext, options: dict) -> Allocation:
     """Re-apply another run's ``allocation.json``: its per-layer sparsities and its target."""
     alloc = _load_file(options)
     alloc.validate(ctx.params, tolerance=1.0)  # names must match; the budget is checked against the file's own target below
@@ -161,13 +183,13 @@ def _check_option_values(options: dict) -> None:
             raise AllocationError(f"allocation.{key}={value} must be {kind}, e.g. allocation.{key}={example}")
 
 
-def build_allocation(ctx: AllocationContext, options: dict) -> Allocation:
-    """Run the allocator ``options['method']`` and validate its result against the model and the budget."""
+def build_allocation(ctx: AllocationContext, options: dict) -> Allocated:
+    """Run the allocator ``options['method']`` and validate its allocation against the model and the budget."""
     method = options.get("method", "uniform")
     check_allocation_options(options, ctx.target, ctx.pattern)
-    alloc = ALLOCATORS[method](ctx, options)
-    _check_result(ctx, alloc, options, method)
-    return alloc
+    outcome = ALLOCATORS[method](ctx, options)
+    _check_result(ctx, outcome.allocation, options, method)
+    return outcome
 
 
 def _check_result(ctx: AllocationContext, alloc: Allocation, options: dict, method: str) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 
 from msp import data as data_mod
 from msp.allocation.base import Allocation, AllocationError
-from msp.allocation.build import OPTION_CHECKS, AllocationContext, build_allocation, register
+from msp.allocation.build import OPTION_CHECKS, Allocated, AllocationContext, build_allocation, register
 from msp.masks import Pattern
 from msp.models import find_blocks, layer_block_index
 from msp.search.evolution import Evolution, EvolutionConfig, SearchError, SearchSpace, mutate, snap
@@ -230,14 +230,14 @@ def _stages(options: dict) -> tuple[list[int], list[int]]:
     return tokens, survivors
 
 
-def _fixed_pattern(ctx: AllocationContext) -> Allocation:
+def _fixed_pattern(ctx: AllocationContext) -> Allocated:
     fixed = ctx.pattern.fixed_sparsity()
     log.warning(
         "allocation=msp with pattern=%s: a fixed N:M pattern prunes every layer to %.3f, so there is nothing to search; "
         "using the uniform allocation (use pattern=N:%d to search N per layer)", ctx.pattern, fixed, ctx.pattern.m,
     )
-    ctx.extras["search"] = {"skipped": f"pattern {ctx.pattern} fixes every layer's sparsity"}
-    return Allocation({n: float(fixed) for n in ctx.layers}, float(fixed), "msp", {"note": f"pattern {ctx.pattern} fixes every layer; nothing searched"})
+    alloc = Allocation({n: float(fixed) for n in ctx.layers}, float(fixed), "msp", {"note": f"pattern {ctx.pattern} fixes every layer; nothing searched"})
+    return Allocated(alloc, search={"skipped": f"pattern {ctx.pattern} fixes every layer's sparsity"})
 
 
 def _unit_values(alloc: Allocation, units: list[list[str]], params: dict[str, int]) -> list[float]:
@@ -354,7 +354,7 @@ OPTION_CHECKS["msp"] = check_options
 
 
 @register("msp")
-def msp_allocator(ctx: AllocationContext, options: dict) -> Allocation:
+def msp_allocator(ctx: AllocationContext, options: dict) -> Allocated:
     """Sensitivity-initialised evolutionary search; see the module docstring."""
     if ctx.pattern.kind == "nm":
         return _fixed_pattern(ctx)
@@ -442,15 +442,15 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocation:
         raise AllocationError(str(exc)) from None
     candidate = CandidateModel(ctx.layers, variants, units, grid.sparsity)
     try:
-        plan = ctx.extras.get("streaming")
-        streamed = bool(getattr(plan, "stream", False))
+        streamed = ctx.plan is not None and ctx.plan.stream
         fitness = ModelFitness(ctx.model, candidate, windows, windows_per_stage, ctx.device, metric, st.fitness_batch_size,
-                               streamed=streamed, store_device=getattr(plan, "store", None) if streamed else None)
+                               streamed=streamed, store_device=ctx.plan.store if streamed else None)
         precompute_seconds, precompute_cpu = time.perf_counter() - t0, time.process_time() - c0
         log.info("search: precompute (%s variants, dense reference) took %.1f s", mode, precompute_seconds)
         evolution.fitness = fitness
 
         named: dict[str, np.ndarray] = {}
+        start_sensitivity: dict[str, Any] = {}  # allocator → the SensitivityReport its start was derived from
         init_time = {"wall": 0.0, "cpu": 0.0}
 
         def initial_population() -> list[np.ndarray]:
@@ -459,7 +459,7 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocation:
             if init == "uniform":
                 first = uniform
             else:
-                first = _snap_allocation(ctx, init, st.init_options, granularity, bounds, grid, units, params)
+                first = _snap_allocation(ctx, init, st.init_options, granularity, bounds, grid, units, params, start_sensitivity)
             named[init] = first
             genomes = [first]
             for e in extra:
@@ -467,7 +467,7 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocation:
                     named["uniform"] = uniform
                     genomes.append(uniform)
                 elif e == "owl" and init != "owl":
-                    named["owl"] = _snap_allocation(ctx, "owl", {}, granularity, bounds, grid, units, params)
+                    named["owl"] = _snap_allocation(ctx, "owl", {}, granularity, bounds, grid, units, params, start_sensitivity)
                     genomes.append(named["owl"])
             rng = np.random.default_rng(seed + 1)
             for _ in range(config.population - len(genomes)):
@@ -517,7 +517,6 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocation:
         "variant_windows": int(calibration.shape[0]) if calibration is not None else 0,
         "checkpoint": str(checkpoint) if checkpoint else None,
     }
-    ctx.extras["search"] = report
     log.info("search done: fitness %s %.5f (initial %s allocation) -> %.5f (best) in %d generations, %d evaluations, %.1f s "
              "(precompute %.1f s, init %.1f s, search %.1f s)", metric, result.initial_fitness, init, result.best_fitness, result.generations,
              result.evaluations, report["wall_seconds"]["total"], precompute_seconds, init_time["wall"], search_seconds)
@@ -525,24 +524,27 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocation:
             "initial_fitness": result.initial_fitness}
     if ctx.pattern.kind == "mixed_nm":
         meta["achieved_mean"] = grid.achieved
-    return Allocation(sparsities, target, "msp", meta)
+    return Allocated(Allocation(sparsities, target, "msp", meta), sensitivity=start_sensitivity.get(init), search=report)
 
 
 def _snap_allocation(
     ctx: AllocationContext, method: str, extra_options: dict, granularity: str, bounds: tuple[float, float], grid: Grid,
-    units: list[list[str]], params: dict[str, int],
+    units: list[list[str]], params: dict[str, int], sensitivities: dict[str, Any],
 ) -> np.ndarray:
-    """Run allocator ``method`` through the registry and put its per-unit sparsities on the grid."""
+    """Run allocator ``method`` through the registry and put its per-unit sparsities on the grid
+    (its sensitivity report, if any, goes to ``sensitivities[method]``)."""
     opts = {"method": method, "granularity": granularity, "min": bounds[0], "max": bounds[1], **extra_options}
     try:
-        alloc = build_allocation(ctx, opts)
+        outcome = build_allocation(ctx, opts)
     except AllocationError as exc:
         if "unknown allocation method" in str(exc):
             raise AllocationError(
                 f"allocation.init={method} is not available in this msp ({exc}); use allocation.init=uniform"
             ) from None
         raise
-    return snap(grid.real_levels(_unit_values(alloc, units, params)), grid.space)
+    if outcome.sensitivity is not None:
+        sensitivities[method] = outcome.sensitivity
+    return snap(grid.real_levels(_unit_values(outcome.allocation, units, params)), grid.space)
 
 
 def _describer(grid: Grid, unit_names: list[str]):

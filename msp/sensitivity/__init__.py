@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from msp.models import find_blocks, layer_block_index
@@ -18,6 +19,20 @@ from msp.models import find_blocks, layer_block_index
 log = logging.getLogger(__name__)
 
 METHODS = ("fisher", "hessian", "owl")
+
+
+@dataclass
+class SensitivityReport:
+    """One sensitivity computation: per-layer values (normalised when asked), how long it took, its options."""
+
+    method: str
+    values: dict[str, float]
+    seconds: float
+    options: dict
+
+    def to_json(self) -> dict:
+        """The ``sensitivity.json`` document of a run."""
+        return {"method": self.method, "options": self.options, "layers": self.values}
 
 
 def per_block(sens: Mapping[str, float], prefix: str, weights: Mapping[str, int] | None = None) -> dict[int, float]:
@@ -43,14 +58,13 @@ def _opt(options: Mapping[str, Any], key: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def compute_sensitivity(ctx, method: str, options: Mapping[str, Any] | None = None) -> dict[str, float]:
+def compute_sensitivity(ctx, method: str, options: Mapping[str, Any] | None = None) -> SensitivityReport:
     """Sensitivity of every prunable Linear layer of ``ctx.model`` (a :class:`msp.allocation.build.AllocationContext`).
 
     options (all optional): ``nsamples`` (calibration windows used; null = all), ``normalize`` (divide traces by
     the parameter count; default true), ``probes`` and ``seed`` (hessian; seed defaults to the run's seed),
     ``M`` (owl; default 5). Raw values are cached on disk under a key naming model, data, nsamples, seqlen,
     seed, method and these options; normalisation is applied after the cache so both variants share an entry.
-    Records ``ctx.extras["sensitivity"]``, ``["sensitivity_method"]`` and ``["sensitivity_seconds"]``.
     """
     options = dict(options or {})
     if method not in METHODS:
@@ -58,9 +72,9 @@ def compute_sensitivity(ctx, method: str, options: Mapping[str, Any] | None = No
     windows = ctx.calibration_ids
     layers = ctx.layers
     started = time.perf_counter()
-    plan = ctx.extras.get("streaming")
-    streamed = bool(getattr(plan, "stream", False))
-    store_device = getattr(plan, "store", None) if streamed else None
+    plan = ctx.plan
+    streamed = plan is not None and plan.stream
+    store_device = plan.store if streamed else None
     grad_device = ctx.device
     if streamed and method != "owl":  # no whole-model graph: blocks visit the device one at a time (msp.sensitivity.streamed)
         log.info("%s sensitivity on a streamed model: block-streamed forward/backward on %s", method, ctx.device)
@@ -106,16 +120,7 @@ def compute_sensitivity(ctx, method: str, options: Mapping[str, Any] | None = No
         raise ValueError(f"cached {method} sensitivity lacks {len(missing)} layer(s) (e.g. {missing[0]}); run with use_cache=false")
     elapsed = time.perf_counter() - started
     log.info("sensitivity %s: %.1f s for %d layers", method, elapsed, len(values))
-    ctx.extras["sensitivity"] = values
-    ctx.extras["sensitivity_method"] = method
-    ctx.extras["sensitivity_seconds"] = elapsed
-    if ctx.run_dir is not None:
-        from pathlib import Path
-
-        from msp.io import write_json_atomic
-
-        write_json_atomic(Path(ctx.run_dir) / "sensitivity.json", {"method": method, "options": options, "layers": values})
-    return values
+    return SensitivityReport(method, values, elapsed, options)
 
 
 def _cached(ctx, method: str, fields: dict, compute):
@@ -127,4 +132,4 @@ def _cached(ctx, method: str, fields: dict, compute):
     return ctx.cache.get_or_compute(key, compute)
 
 
-__all__ = ["compute_sensitivity", "per_block", "METHODS"]
+__all__ = ["compute_sensitivity", "per_block", "METHODS", "SensitivityReport"]

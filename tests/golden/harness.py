@@ -39,15 +39,11 @@ TINY_CASES: dict[str, list[str]] = {
 PRUNERS = "magnitude,wanda,sparsegpt"
 
 SMOL = ["model=smollm2-135m", "data.nsamples=4", "data.seqlen=128", "data.eval_windows=4", "device=cpu",
-        "pruner=wanda", "sparsity=0.7"]
+        "sparsity=0.7", "save_model=true"]
+#: SmolLM2: one multirun per case, so the jobs share one dequantised model (msp.models keeps it per process)
 SMOL_CASES: dict[str, list[str]] = {
-    "uniform": ["allocation=uniform"],
-    "owl": ["allocation=owl"],
-    "rank": ["allocation=rank", "allocation.nsamples=2", "allocation.probes=1"],
-    "fisher": ["allocation=fisher"],
-    "hessian": ["allocation=hessian", "allocation.nsamples=2", "allocation.probes=1"],
-    "msp": ["allocation=msp", "allocation.generations=2", "allocation.offspring=4"],
-    "msp_sparsegpt": ["allocation=msp", "pruner=sparsegpt", "allocation.generations=2", "allocation.offspring=4"],
+    "allocators": ["pruner=wanda", "allocation=uniform,owl,rank,fisher,hessian"],
+    "msp": ["pruner=wanda,sparsegpt", "allocation=msp", "allocation.generations=2", "allocation.offspring=4"],
 }
 
 
@@ -75,27 +71,34 @@ def digest(run_dir: Path) -> dict:
 
 
 def run_case(base: list[str], extra: list[str], workdir: Path, multirun_pruners: bool) -> dict[str, dict]:
-    """Run one case; returns {job label: digest}."""
+    """Run one case as one multirun; returns {job label: digest}, the label naming the pruner (and allocation)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cache = workdir / "cache"
-    if multirun_pruners:
-        sweep = workdir / "sweep"
-        args = ["-m", *base, *extra, f"pruner={PRUNERS}", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"]
-    else:
-        sweep = workdir / "run"
-        args = [*base, *extra, f"hydra.run.dir={sweep}"]
+    sweep = workdir / "sweep"
+    pruners = [f"pruner={PRUNERS}"] if multirun_pruners else []
+    args = ["-m", *base, *extra, *pruners, f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"]
     proc = subprocess.run([sys.executable, "-c", "import torch; torch.set_num_threads(1); from msp.cli import main; main()",
                            *args, f"cache_dir={cache}"], cwd=workdir, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"msp {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
-    if multirun_pruners:
-        jobs = sorted(d for d in sweep.iterdir() if (d / "results.json").exists())
-        out = {json.loads((d / "results.json").read_text())["pruner"]: digest(d) for d in jobs}
-        if sorted(out) != sorted(PRUNERS.split(",")):
-            raise RuntimeError(f"expected one finished job per pruner in {sweep}, found {sorted(out)}")
-        return out
-    return {"run": digest(sweep)}
+    jobs = sorted(d for d in sweep.iterdir() if (d / "results.json").exists())
+    out = {}
+    for d in jobs:
+        res = json.loads((d / "results.json").read_text())
+        out[res["pruner"] if multirun_pruners else f"{res['pruner']}/{res['allocation']}"] = digest(d)
+    expected = len(PRUNERS.split(",")) if multirun_pruners else _jobs_in(extra)
+    if len(out) != expected:
+        raise RuntimeError(f"expected {expected} finished jobs in {sweep}, found {sorted(out)}")
+    return out
+
+
+def _jobs_in(overrides: list[str]) -> int:
+    """Jobs of a multirun: the product of the comma-separated choices of its overrides."""
+    n = 1
+    for o in overrides:
+        n *= len(o.split("=", 1)[1].split(",")) if "=" in o else 1
+    return n
 
 
 def run_suite(which: str, workdir: Path) -> dict:
