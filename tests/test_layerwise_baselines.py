@@ -147,3 +147,50 @@ def test_search_ties_nan_and_bounds_before_scoring():
     with pytest.raises(AllocationError, match="largest β that fits"):
         search_beta(30, 0.9, lambda b, r: calls.append(b) or 0.0, grid=beta_grid())
     assert calls == []  # refused before any (expensive) scoring
+
+
+# ------------------------------------------------------------------------------------ DLP on a tiny model
+
+
+def _reference_block_scores(model, windows, reduction):
+    """Independent of the pipeline: one dense forward of the whole model, hooks keep every Linear's inputs."""
+    from msp.models import find_blocks, prunable_layers
+
+    prefix, _ = find_blocks(model)
+    layers = prunable_layers(model)
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    handles = [l.register_forward_hook(lambda m, a, o, n=n: inputs[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
+               for n, l in layers.items()]
+    try:
+        with torch.no_grad():
+            model(input_ids=windows, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    per_block: dict[int, list[torch.Tensor]] = {}
+    for n, l in layers.items():
+        x = torch.cat(inputs[n]).double()
+        metric = l.weight.detach().double().abs() * (x * x).sum(0).sqrt().unsqueeze(0)
+        per_block.setdefault(int(n[len(prefix) + 1 :].split(".")[0]), []).append(metric.reshape(-1))
+    return {b: float(torch.cat(m).mean() if reduction == "mean" else torch.cat(m).float().median()) for b, m in per_block.items()}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "median"])
+def test_dlp_scores_match_a_whole_model_reference_and_land_on_budget(tiny_llama, reduction, one_thread):
+    from msp.allocation.budget import expand_blocks
+    from msp.models import prunable_layers
+    from msp.sensitivity.dlp import dlp_block_scores
+
+    model = tiny_llama.model
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    got = dlp_block_scores(model, windows, torch.device("cpu"), reduction=reduction, batch_size=2)
+    want = _reference_block_scores(model, windows, reduction)
+    assert got == pytest.approx(want, rel=1e-4)
+    raw = dlp_sparsities({f"model.layers.{b}": s for b, s in got.items()}, target=0.7)
+    layers = prunable_layers(model)
+    per_layer = expand_blocks({b: raw[f"model.layers.{b}"] for b in got}, {n: int(n.split(".")[2]) for n in layers})
+    params = {n: l.weight.numel() for n, l in layers.items()}
+    final = fit_to_budget(per_layer, params, 0.7)
+    assert weighted_mean(final, params) == pytest.approx(0.7, abs=1e-12)
+    with pytest.raises(AllocationError, match="allocation.reduction"):
+        dlp_block_scores(model, windows, torch.device("cpu"), reduction="max")
