@@ -212,12 +212,18 @@ def embedded_gguf_path(layout: ChunkedGguf = GEMMA3_270M, cache_dir: str | Path 
     return folder, layout.gguf_name
 
 
+def check_gemma_assets(layout: ChunkedGguf = GEMMA3_270M) -> None:
+    """The cheap pre-flight check (no hashing, no copying): every chunk and the SHA256SUMS are installed."""
+    locate_parts(layout)
+    expected_sha256(layout)
+
+
 def embedded_gemma_path(cache_dir: str | Path | None = None) -> tuple[Path, str]:
     """Folder and file name of the embedded Gemma-3-270M GGUF (see :func:`embedded_gguf_path`)."""
     return embedded_gguf_path(GEMMA3_270M, cache_dir)
 
 
 __all__ = [
-    "EMBEDDED_GEMMA3", "GEMMA3_270M", "ChunkedGguf", "GemmaAssetError", "assemble", "default_cache_root",
+    "EMBEDDED_GEMMA3", "GEMMA3_270M", "ChunkedGguf", "GemmaAssetError", "assemble", "check_gemma_assets", "default_cache_root",
     "embedded_gemma_path", "embedded_gguf_path", "expected_sha256", "locate_parts", "sha256_file",
 ]

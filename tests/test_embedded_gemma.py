@@ -55,6 +55,7 @@ def leftovers(folder) -> list[str]:
 def test_assembles_in_order_once_and_verifies(fake):
     site, layout, cache = fake
     install_fake(site, layout)
+    eg.check_gemma_assets(layout)
     folder, name = embedded_gguf_path(layout, cache)
     path = folder / name
     assert name == "fake-model.gguf" and folder == cache / "models" / "fake-model"
@@ -74,6 +75,8 @@ def test_missing_part_is_one_line_naming_the_install_command(fake):
     assert "\n" not in msg and "bash install.sh --gemma" in msg and layout.parts[2][0] in msg
     assert layout.parts[0][0] not in msg  # only what is missing is listed
     assert not (cache / "models").exists()  # nothing written before the check
+    with pytest.raises(GemmaAssetError, match="bash install.sh --gemma"):
+        eg.check_gemma_assets(layout)  # the pre-flight form: no hashing, no copying
 
 
 def test_missing_data_file_and_missing_sums_package(fake):
