@@ -206,7 +206,7 @@ def _draw_layers(ax, facts: RunFacts) -> None:
     sens = [(i, l.sensitivity) for i, l in enumerate(layers) if l.sensitivity is not None and l.sensitivity > 0]
     if sens:
         ax2 = ax.twinx()
-        ax2.plot([i for i, _ in sens], [s for _, s in sens], "o-", color="black", markersize=3, linewidth=0.8,
+        ax2.plot([i for i, _ in sens], [s for _, s in sens], "o-", color="black", markersize=3 if len(sens) <= 60 else 1.5, linewidth=0.8,
                  label=f"sensitivity ({facts.sensitivity_method or 'per layer'})")
         ax2.set_yscale("log")
         ax2.set_ylabel(f"sensitivity ({facts.sensitivity_method or '?'}, log)")
