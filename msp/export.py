@@ -17,7 +17,7 @@ Command line, for a model saved by a run with ``save_model=true``::
 
     python -m msp.export outputs/runs/<date>/<time>/model outputs/model-2of4
 
-**llm-compressor recipe.** ``python -m msp.export recipe <run dir> --out recipe.yaml [--pruner sparsegpt|wanda]``
+**llm-compressor recipe.** ``python -m msp.export recipe <run dir> [--out recipe.yaml] [--pruner sparsegpt|wanda] [--granularity block|layer]``
 writes a recipe for llm-compressor's ``oneshot`` that applies the run's allocation (see :func:`build_recipe`);
 llm-compressor is not imported (nor a dependency): the recipe is plain YAML.
 """
@@ -283,7 +283,7 @@ class Recipe:
 
     recipe: dict
     comments: list[str]
-    block_sparsities: list[float]
+    sparsities: list[float]  # the modifier's list: one per decoder block (granularity=block) or per layer (layer)
     prefix: str  # the decoder blocks' module path, e.g. ``model.layers``
 
     def to_yaml(self) -> str:
@@ -358,14 +358,21 @@ def _mask_structure(results: dict) -> tuple[str, str | None]:
     return f"{pattern.m - pattern.n}:{pattern.m}", note
 
 
-def build_recipe(run_dir: str | Path, pruner: str | None = None) -> Recipe:
+GRANULARITIES = ("block", "layer")
+
+
+def build_recipe(run_dir: str | Path, pruner: str | None = None, granularity: str = "block") -> Recipe:
     """The llm-compressor recipe that applies a finished run's allocation with ``SparseGPTModifier`` or
     ``WandaPruningModifier`` (``pruner``; default: the run's own pruner).
 
-    One sparsity per decoder block (``targets`` = the blocks, in order): the parameter-weighted mean of the block's
-    layer sparsities in ``allocation.json``, so each block loses the same number of weights as in the run. An
-    allocation that gives the layers of a block different sparsities loses that split; the comments say how much.
+    ``granularity="block"``: one sparsity per decoder block (``targets`` = the blocks, in order): the
+    parameter-weighted mean of the block's layer sparsities in ``allocation.json``, so each block loses the same
+    number of weights as in the run. An allocation that gives the layers of a block different sparsities loses
+    that split; the comments say how much. ``granularity="layer"``: one target per Linear layer (its exact name)
+    and one sparsity each, in model order, which keeps a layer-granularity allocation exactly.
     """
+    if granularity not in GRANULARITIES:
+        raise RecipeError(f"granularity={granularity!r}; valid: {' | '.join(GRANULARITIES)}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RecipeError(f"run dir {run_dir} does not exist; give the folder of a finished msp run")
@@ -387,8 +394,14 @@ def build_recipe(run_dir: str | Path, pruner: str | None = None) -> Recipe:
         n_pruned, m = (int(x) for x in mask.split(":"))
         means = [n_pruned / m] * len(means)
 
-    modifier: dict = {"sparsity": [float(s) for s in means], "mask_structure": mask,
-                      "targets": [rf"re:{re.escape(prefix)}\.\d+$"], "ignore": ["re:.*lm_head", *dense]}
+    if granularity == "block":
+        values = [float(s) for s in means]
+        targets = [rf"re:{re.escape(prefix)}\.\d+$"]
+    else:  # every pruned Linear by its exact name; model order, which is the order llm-compressor assigns the list in
+        order = sorted(params, key=lambda n: int(n[len(prefix) + 1 :].split(".", 1)[0]))  # stable: keeps in-block order
+        targets = [n for n in order if sparsities[n] > 0]
+        values = [float(sparsities[n]) if mask == "0:0" else means[0] for n in targets]
+    modifier: dict = {"sparsity": values, "mask_structure": mask, "targets": targets, "ignore": ["re:.*lm_head", *dense]}
     cfg = results.get("pruner_config") or {}
     notes: list[str] = []
     if chosen == "sparsegpt":
@@ -407,21 +420,31 @@ def build_recipe(run_dir: str | Path, pruner: str | None = None) -> Recipe:
     comments = [
         f"llm-compressor recipe written by msp (python -m msp.export recipe) from {run_dir}",
         f"model={results.get('model')} pruner={results.get('pruner')} pattern={results.get('pattern')} "
-        f"allocation={results.get('allocation')} target sparsity={results.get('target_sparsity')} measured={results.get('sparsity'):.4f}",
-        f"sparsity: one value per decoder block {prefix}.<i> (i = 0..{len(means) - 1}, the order of `targets` matches),",
-        "the parameter-weighted mean of the block's layer sparsities in allocation.json; every Linear of a block gets it.",
+        f"allocation={results.get('allocation')} target sparsity={results.get('target_sparsity')} measured={float(results.get('sparsity', float('nan'))):.4f}",
     ]
-    if spread:
+    if granularity == "layer":
+        comments += [
+            f"sparsity: one value per Linear layer of the decoder blocks, targeted by exact name ({len(targets)} layers);",
+            "llm-compressor assigns the list in model.named_modules() order, which is the order of `targets` here.",
+            "The allocation is kept exactly (granularity=layer).",
+        ]
+    else:
+        comments += [
+            f"sparsity: one value per decoder block {prefix}.<i> (i = 0..{len(means) - 1}, the order of `targets` matches),",
+            "the parameter-weighted mean of the block's layer sparsities in allocation.json; every Linear of a block gets it.",
+        ]
+    if spread and granularity == "block":
         b, lo, hi = max(spread, key=lambda t: t[2] - t[1])
         comments += [
             f"LOST: this is a layer-granularity allocation: in {len(spread)} of {len(means)} blocks the layers had different",
             f"sparsities (largest spread: block {b}, {lo:.4f} to {hi:.4f}, now {means[b]:.4f} for all). Each block still loses",
             "the same number of weights; which of its layers lose them is left to the pruner's uniform split.",
+            "python -m msp.export recipe --granularity layer targets every Linear by name and keeps the split.",
         ]
-    else:
+    elif granularity == "block":
         comments.append("block-granularity allocation: every layer of a block had the same sparsity, so nothing is lost.")
     if dense:
-        comments.append(f"{len(dense)} layer(s) at sparsity 0 stay dense (in `ignore`, left out of their block's mean).")
+        comments.append(f"{len(dense)} layer(s) at sparsity 0 stay dense (in `ignore`" + (", left out of their block's mean)." if granularity == "block" else ")."))
     comments.append("Linear layers outside the decoder blocks (lm_head) are not targeted; lm_head is also ignored explicitly.")
     if mask != "0:0":
         comments += [f"mask_structure {mask!r} = msp pattern {results.get('pattern')}: llm-compressor's N counts pruned weights",
@@ -432,15 +455,15 @@ def build_recipe(run_dir: str | Path, pruner: str | None = None) -> Recipe:
     comments.append(f"msp calibrated on {data.get('calibration')}: {data.get('nsamples')} windows of {data.get('seqlen')} tokens "
                     f"(oneshot: num_calibration_samples={data.get('nsamples')}, max_seq_length={data.get('seqlen')}).")
     recipe = {"sparsity_stage": {"sparsity_modifiers": {RECIPE_MODIFIERS[chosen]: modifier}}}
-    return Recipe(recipe, comments, [float(s) for s in means], prefix)
+    return Recipe(recipe, comments, values, prefix)
 
 
-def write_recipe(run_dir: str | Path, out: str | Path, pruner: str | None = None) -> Path:
+def write_recipe(run_dir: str | Path, out: str | Path, pruner: str | None = None, granularity: str = "block") -> Path:
     """Write :func:`build_recipe`'s YAML to ``out`` atomically. Returns the path."""
     import os
     import tempfile
 
-    text = build_recipe(run_dir, pruner).to_yaml()
+    text = build_recipe(run_dir, pruner, granularity).to_yaml()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
@@ -461,10 +484,12 @@ def recipe_main(argv: list[str]) -> int:
     parser.add_argument("run_dir", help="folder of a finished run (results.json, allocation.json)")
     parser.add_argument("--out", default=None, help="recipe file to write (default: <run dir>/recipe.yaml)")
     parser.add_argument("--pruner", choices=sorted(RECIPE_MODIFIERS), default=None, help="modifier to use (default: the run's pruner)")
+    parser.add_argument("--granularity", choices=GRANULARITIES, default="block",
+                        help="block: one sparsity per decoder block (default); layer: one target and sparsity per Linear layer")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        path = write_recipe(args.run_dir, args.out or Path(args.run_dir) / "recipe.yaml", args.pruner)
+        path = write_recipe(args.run_dir, args.out or Path(args.run_dir) / "recipe.yaml", args.pruner, args.granularity)
     except RecipeError as exc:
         print(f"msp.export recipe: error: {exc}", file=sys.stderr)
         return 2
@@ -478,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         return recipe_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m msp.export", description="Pack a 2:4-pruned model (saved with save_model=true). "
-        "Or: python -m msp.export recipe <run dir> --out recipe.yaml [--pruner sparsegpt|wanda]")
+        "Or: python -m msp.export recipe <run dir> [--out recipe.yaml] [--pruner sparsegpt|wanda] [--granularity block|layer]")
     parser.add_argument("model", help="folder written by save_pretrained (a run's model/ folder)")
     parser.add_argument("out", help="output folder for the packed 2:4 model")
     args = parser.parse_args(argv)

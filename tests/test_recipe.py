@@ -83,6 +83,22 @@ def test_real_layer_allocation_becomes_block_means_over_exactly_the_decoder_bloc
     assert ignored == ["lm_head"]
 
 
+def test_layer_granularity_keeps_every_layers_sparsity_in_the_order_llm_compressor_assigns(layer_run):
+    recipe = build_recipe(layer_run, granularity="layer")
+    _, args = _modifier(recipe.to_yaml())
+    sparsities = json.loads((layer_run / "allocation.json").read_text())["sparsities"]
+    from msp.models import build_tiny_model
+
+    model = build_tiny_model("tiny-llama").model
+    # llm-compressor walks model.named_modules() and gives the i-th matched module the i-th sparsity
+    matched = [n for n, _ in model.named_modules() if any(_matches(t, n) for t in args["targets"])]
+    assert len(matched) == len(args["sparsity"]) == 14
+    assert args["sparsity"] == [sparsities[n] for n in matched]
+    assert "LOST" not in recipe.to_yaml() and "kept exactly" in recipe.to_yaml()
+    with pytest.raises(RecipeError, match=r"granularity=.blocks.; valid: block \| layer"):
+        build_recipe(layer_run, granularity="blocks")
+
+
 def test_block_means_hand_computed_and_zero_layers_stay_dense(tmp_path):
     run = _fake_run(tmp_path / "r", [
         ("model.layers.0.self_attn.q_proj", 100, 0.2, "unstructured"), ("model.layers.0.mlp.up_proj", 300, 0.6, "unstructured"),
@@ -97,6 +113,9 @@ def test_block_means_hand_computed_and_zero_layers_stay_dense(tmp_path):
     assert args["block_size"] == 64 and args["dampening_frac"] == 0.05  # the run's pruner.blocksize / percdamp
     assert args["targets"] == [r"re:model\.layers\.\d+$"]
     assert recipe.prefix == "model.layers"
+    _, by_layer = _modifier(build_recipe(run, granularity="layer").to_yaml())
+    assert by_layer["sparsity"] == [0.2, 0.6, 0.4, 0.5, 0.5]  # the dense q_proj of block 1 is not targeted
+    assert "model.layers.1.self_attn.q_proj" not in by_layer["targets"] and "model.layers.1.self_attn.q_proj" in by_layer["ignore"]
 
 
 @pytest.mark.parametrize("pattern, mask, sparsity", [("2:4", "2:4", 0.5), ("1:4", "3:4", 0.75), ("6:8", "2:8", 0.25)])
