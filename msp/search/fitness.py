@@ -39,13 +39,9 @@ from msp.eval.perplexity import batch_nll
 from msp.pipeline import sequential_pass, streamed_logits
 from msp.pruners import Pruner
 from msp.search.evolution import SearchError
+from msp.search.settings import METRICS, MODES, STORE_DTYPES, STORES
 
 log = logging.getLogger(__name__)
-
-METRICS = ("kl", "ppl")
-MODES = ("auto", "ranking", "store")
-STORES = ("memory", "disk")
-STORE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 # ---------------------------------------------------------------------------------------------------- rankings
