@@ -226,9 +226,12 @@ def _load_plugins() -> None:
     """Import the modules that register the other allocators (kept lazy so `import msp` stays lean)."""
     import importlib
 
-    for module in ("msp.allocation.allocators", "msp.search.allocator"):
+    for module in ("msp.allocation.allocators",):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
             if exc.name != module:
                 raise
+    from msp.search.allocator import check_options, msp_allocator  # shim until the explicit registry table lands
+
+    ALLOCATORS["msp"], OPTION_CHECKS["msp"] = msp_allocator, check_options
