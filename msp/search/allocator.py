@@ -442,9 +442,8 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocated:
         raise AllocationError(str(exc)) from None
     candidate = CandidateModel(ctx.layers, variants, units, grid.sparsity)
     try:
-        streamed = ctx.plan is not None and ctx.plan.stream
         fitness = ModelFitness(ctx.model, candidate, windows, windows_per_stage, ctx.device, metric, st.fitness_batch_size,
-                               streamed=streamed, store_device=ctx.plan.store if streamed else None)
+                               plan=ctx.plan)
         precompute_seconds, precompute_cpu = time.perf_counter() - t0, time.process_time() - c0
         log.info("search: precompute (%s variants, dense reference) took %.1f s", mode, precompute_seconds)
         evolution.fitness = fitness
