@@ -311,19 +311,15 @@ def sequential_pass(
             if inline and inputs is not None:
                 bar.set_description(f"{desc} {i + 1}/{len(blocks)}: pruning inline")
                 linears = block_linears(block)
-                outputs = inline_block_pass(
-                    block, linears, inputs, device, store_device, need_hessian,
-                    lambda local, lin, st, _i=i: on_layer(_i, prefix, local, lin, st),
-                )
+                outputs = inline_block_pass(block, linears, inputs, device, store_device, need_hessian,
+                                            lambda local, lin, st, _i=i: on_layer(_i, prefix, local, lin, st))
                 on_block(i, prefix, block, linears, {})
                 outputs = outputs if next_inputs else None
             else:
                 bar.set_description(f"{desc} {i + 1}/{len(blocks)}: {'calibrating' if collect_stats else 'processing'}")
-                outputs = _calibrate_and_visit(
-                    i, prefix, block, inputs, on_block, collect_stats=collect_stats, need_hessian=need_hessian,
-                    keep_dense=next_inputs and not modifies_blocks, next_inputs=next_inputs, device=device,
-                    store_device=store_device,
-                )
+                outputs = _calibrate_and_visit(i, prefix, block, inputs, on_block, collect_stats=collect_stats,
+                                               need_hessian=need_hessian, keep_dense=next_inputs and not modifies_blocks,
+                                               next_inputs=next_inputs, device=device, store_device=store_device)
             if outputs is not None:
                 inputs.hidden = outputs
             del outputs

@@ -242,3 +242,18 @@ def test_compute_sensitivity_caches_and_records(tmp_path):
     assert len({v for n, v in owl.items() if ".layers.0." in n}) == 1
     with pytest.raises(ValueError, match="valid: fisher, hessian, owl"):
         _compute(model, windows, cache, "taylor", {})
+
+
+def test_a_cache_entry_missing_layers_is_one_clear_error(tmp_path):
+    """A stale entry (here: written for a subset of the layers) names the fix instead of failing with a KeyError."""
+    from msp.sensitivity import SensitivityError
+
+    model = build_tiny_model("tiny-llama").model
+    windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    cache = DiskCache(tmp_path / "cache")
+    report = _compute(model, windows, cache, "fisher", {})
+    for path in (tmp_path / "cache").glob("*.pt"):
+        torch.save({n: v for n, v in list(report.values.items())[:3]}, path)
+    with pytest.raises(SensitivityError, match="lacks 11 layer.*use_cache=false"):
+        _compute(model, windows, cache, "fisher", {})
+

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from torch import nn
 from msp.models import find_blocks, layer_block_index
 from msp.sensitivity.common import SensitivityError, windows_to_use
 from msp.streaming import StreamingPlan, is_streamed
+
+if TYPE_CHECKING:
+    from msp.cache import DiskCache
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ def compute_sensitivity(
     plan: StreamingPlan | None = None,
     seed: int = 0,
     batch_size: int = 4,
-    cache: Any = None,
+    cache: DiskCache | None = None,
     cache_fields: Mapping[str, Any] | None = None,
 ) -> SensitivityReport:
     """Sensitivity of every Linear layer in ``layers`` (name → module of ``model``) from the calibration
@@ -75,22 +78,21 @@ def compute_sensitivity(
     if method not in METHODS:
         raise SensitivityError(f"unknown sensitivity {method!r}; valid: {', '.join(METHODS)}")
     started = time.perf_counter()
-    if is_streamed(plan) and method != "owl":
-        log.info("%s sensitivity on a streamed model: block-streamed forward/backward on %s", method, device)
     if method == "owl":
         M = float(_opt(options, "M", 5.0))
         ratios = _cached(cache, cache_fields, method, {"M": M}, lambda: _owl(model, windows, device, M, batch_size, plan))
         prefix, _ = find_blocks(model)
-        values = {n: float(ratios[layer_block_index(n, prefix)]) for n in layers}
+        raw = {n: float(ratios[b]) for n in layers if (b := layer_block_index(n, prefix)) in ratios}
+        normalize = False  # a ratio already
     else:
         used = windows_to_use(windows, options.get("nsamples"))
         fields, compute = _trace(method, model, layers, used, device, plan, options, seed)
         raw = _cached(cache, cache_fields, method, fields, compute)
         normalize = bool(_opt(options, "normalize", True))
-        values = {n: raw[n] / layers[n].weight.numel() if normalize else raw[n] for n in layers}
-    missing = [n for n in layers if n not in values]
+    missing = [n for n in layers if n not in raw]
     if missing:  # a stale or foreign cache entry
         raise SensitivityError(f"cached {method} sensitivity lacks {len(missing)} layer(s) (e.g. {missing[0]}); run with use_cache=false")
+    values = {n: raw[n] / layers[n].weight.numel() if normalize else raw[n] for n in layers}
     elapsed = time.perf_counter() - started
     log.info("sensitivity %s: %.1f s for %d layers", method, elapsed, len(values))
     return SensitivityReport(method, values, elapsed, options)
@@ -123,7 +125,7 @@ def _owl(model: nn.Module, windows: torch.Tensor, device: torch.device, M: float
     return owl_outlier_ratios(model, windows, device, M=M, batch_size=batch_size, store_device=store_device)
 
 
-def _cached(cache, cache_fields: Mapping[str, Any] | None, method: str, fields: dict, compute):
+def _cached(cache: DiskCache | None, cache_fields: Mapping[str, Any] | None, method: str, fields: dict, compute):
     from msp.cache import cache_key
 
     if cache is None:
