@@ -248,14 +248,20 @@ def _hessian_backward(
     for i in tqdm(range(len(run.blocks) - 1, -1, -1), desc=desc, unit="block", leave=False):
         with block_on(run.blocks[i], run.device) as block:
             pairs = run.by_block.get(i, [])
-            for k, (n, _p) in enumerate(z.pairs):
-                _hessian_backward_step(run, block, i, n, pairs, z.of, k, tangents[i][k], g_out, g_dot, acc)
+            for k in range(len(z.pairs)):
+                _hessian_backward_step(run, block, i, pairs, z, k, tangents[i][k], g_out, g_dot, acc)
         run.streamed.block_inputs[i] = []
         tangents[i] = []
 
 
-def _hessian_backward_step(run, block, i, n, pairs, probes_of, k, h_dot, g_out, g_dot, acc) -> None:
-    """One double backward of block ``i`` for (sequence ``n``, probe) number ``k``; updates g_out[k], g_dot[k]."""
+def _hessian_backward_step(
+    run: _Pass, block: nn.Module, i: int, pairs: list[tuple[str, nn.Linear]], z: _Probes, k: int,
+    h_dot: torch.Tensor | None, g_out: list[torch.Tensor], g_dot: list[torch.Tensor | None], acc: dict[str, torch.Tensor],
+) -> None:
+    """One double backward of block ``i`` (on the device; ``pairs``: its requested layers) for (sequence, probe)
+    number ``k`` with tangent ``h_dot`` = ḣ_i: adds z_uᵀ (H z)_u to ``acc`` and replaces g_out[k], g_dot[k] by the
+    block's input gradients (g_i, ġ_i)."""
+    n, _p = z.pairs[k]
     need_h = i > 0
     h_in = run.block_input(i, n, need_h)
     out = run.run(block, h_in, n)
@@ -263,7 +269,7 @@ def _hessian_backward_step(run, block, i, n, pairs, probes_of, k, h_dot, g_out, 
     if not wrt:
         return
     first = torch.autograd.grad(out, wrt, grad_outputs=g_out[k].to(run.device, out.dtype), create_graph=True, allow_unused=True)
-    zs = probes_of(k, pairs)
+    zs = z.of(k, pairs)
     dirs = zs + ([h_dot.to(run.device) if h_dot is not None else None] if need_h else [])
     terms = [(g * d).sum() for g, d in zip(first, dirs) if g is not None and d is not None]
     if g_dot[k] is not None:
