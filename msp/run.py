@@ -20,7 +20,7 @@ from msp.allocation import Allocation
 from msp.allocation.build import AllocationContext, build_allocation
 from msp.cache import DiskCache, cache_key
 from msp.device import StageMeter, is_gpu, resolve_device, resolve_devices, resolve_dtype
-from msp.eval.perplexity import perplexity, streamed_perplexity
+from msp.eval.perplexity import perplexity
 from msp.io import write_json_atomic
 from msp.masks import Pattern, check_sparsity
 from msp.models import EMBEDDED_SMOLLM2, TINY_MODELS, LoadedModel, load_model, prunable_layers, save_pruned_model
@@ -151,10 +151,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         if not plan.stream:
             loaded.model.to(device)  # streaming keeps the model on the CPU; msp.pipeline moves one block at a time
     model = loaded.model
-    if plan.stream:
-        ppl_fn = partial(streamed_perplexity, store_device=plan.store, windows_per_pass=max(nsamples, int(spec.eval.get("batch_size", 1))))
-    else:
-        ppl_fn = perplexity
+    ppl_fn = partial(perplexity, plan=plan)  # streamed or resident, as the plan says
     eval_devices = resolve_devices(spec.eval.get("devices"))
 
     @contextmanager

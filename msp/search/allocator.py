@@ -287,9 +287,8 @@ def candidate_source(ctx: AllocationContext, search: Search) -> Iterator[Candida
 def _model_fitness(ctx: AllocationContext, search: Search, candidate: CandidateModel) -> ModelFitness:
     """The fitness on the held-out windows (the forward streamed block by block when the run's plan streams)."""
     st = search.settings
-    streamed = ctx.plan is not None and ctx.plan.stream
     return ModelFitness(ctx.model, candidate, search.windows, search.windows_per_stage, ctx.device, st.metric, st.fitness_batch_size,
-                        streamed=streamed, store_device=ctx.plan.store if streamed else None)
+                        plan=ctx.plan)
 
 
 # ---------------------------------------------------------------------------------------------------- report

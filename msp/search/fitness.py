@@ -32,14 +32,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from msp.masks import Pattern, prune_count
 from msp.eval.perplexity import batch_nll
-from msp.pipeline import sequential_pass, streamed_logits
+from msp.pipeline import batch_logits, sequential_pass
 from msp.pruners import Pruner
 from msp.search.evolution import SearchError
 from msp.search.settings import METRICS, MODES, STORE_DTYPES, STORES
+from msp.streaming import StreamingPlan
 
 log = logging.getLogger(__name__)
 
@@ -317,19 +317,14 @@ class CandidateModel:
         self.current = None
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=batch, use_cache=False).logits.float()
-
-
 class ModelFitness:
     """``fitness(genome, stage)``: the candidate's KL to the dense model (or its perplexity) on the first
     ``stage_windows[stage]`` held-out windows. Build it while the dense weights are in place: the dense
     log-probabilities are cached at construction.
 
-    ``streamed``: the model stays where it is (the CPU) and each candidate's forward visits ``device`` one
-    decoder block at a time (:func:`msp.pipeline.stream_blocks`), activations between blocks on
-    ``store_device`` — the search of a model bigger than the GPU. Same numbers as the resident forward.
+    ``plan``: the run's :class:`msp.streaming.StreamingPlan`; when it streams, the model stays where it is (the
+    CPU) and each candidate's forward visits ``device`` one decoder block at a time (:func:`msp.pipeline.batch_logits`)
+    — the search of a model bigger than the GPU. Same numbers as the resident forward.
     """
 
     def __init__(
@@ -342,15 +337,14 @@ class ModelFitness:
         metric: str = "kl",
         batch_size: int = 4,
         *,
-        streamed: bool = False,
-        store_device: torch.device | None = None,
+        plan: StreamingPlan | None = None,
     ):
         if metric not in METRICS:
             raise SearchError(f"allocation.fitness={metric!r} is unknown; valid: {', '.join(METRICS)}")
         if candidate.current is not None:
             raise SearchError("build the fitness before any candidate is applied (the dense reference is cached first)")
         self.model, self.candidate, self.device = model, candidate, device
-        self.streamed, self.store_device = bool(streamed), store_device
+        self.plan = plan
         self.windows = windows
         self.stage_windows = [int(n) for n in stage_windows]
         if max(self.stage_windows) > windows.shape[0]:
@@ -378,15 +372,7 @@ class ModelFitness:
     @torch.no_grad()
     def _batches(self, n: int, desc: str | None = None):
         """(batch index, token ids on the device, float32 logits) for the first ``n`` windows, in batches."""
-        windows = self.windows[:n]
-        if not self.streamed:
-            starts = range(0, n, self.batch_size)
-            for b, start in enumerate(tqdm(starts, desc=desc, unit="batch", leave=False) if desc else starts):
-                batch = windows[start : start + self.batch_size].to(self.device)
-                yield b, batch, _logits(self.model, batch)
-            return
-        batches = streamed_logits(self.model, windows, self.device, batch_size=self.batch_size,
-                                  store_device=self.store_device, desc=desc or "search: streamed candidate")
+        batches = batch_logits(self.model, self.windows[:n], self.device, plan=self.plan, batch_size=self.batch_size, desc=desc)
         for b, (batch, logits) in enumerate(batches):
             yield b, batch, logits.float()
 
