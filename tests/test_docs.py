@@ -119,6 +119,18 @@ def plan(commands: list[Command], base: Path) -> list[dict]:
     return jobs
 
 
+def sweep_size(argv: list[str]) -> int | None:
+    """Jobs of a plain comma sweep (the product of the value counts); None where a config's grid decides."""
+    if any(a.startswith("experiment=") for a in argv):
+        return None
+    size = 1
+    for a in argv:
+        key, _, value = a.partition("=")
+        if value and not key.startswith(("hydra.", "+")) and "[" not in value and "{" not in value:
+            size *= len(value.split(","))
+    return size
+
+
 DRIVER = r"""
 import contextlib, io, json, os, sys, time, traceback
 from pathlib import Path
@@ -188,6 +200,8 @@ def test_documented_command_runs_on_a_tiny_model(command, ran):
         assert jobs, f"`{command.text}`: no job folders in {run_dir}"
         missing = [d.name for d in jobs if not (d / "results.json").exists()]
         assert not missing, f"`{command.text}`: jobs without results.json: {missing}"
+        expected = sweep_size(job["argv"])
+        assert expected is None or len(jobs) == expected, f"`{command.text}`: {len(jobs)} jobs, expected {expected}"
     else:
         results = json.loads((run_dir / "results.json").read_text())
         assert results["model"] == "tiny-llama"
