@@ -1,11 +1,12 @@
-"""Hydra composes every option of every config group, and each composes into a valid run spec."""
+"""Every option of every config group composes into values of the documented types, a valid run spec, and a pruner that
+prunes a small layer to the configured sparsity and pattern."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from omegaconf import ListConfig, OmegaConf
 
 from msp.cli import CONF_DIR, spec_from_config
 from msp.run import validate_early
@@ -45,20 +46,74 @@ def override_for(group: str, option: str) -> list[str]:
     return [f"{prefix}{group}={option}", *extra]
 
 
+# the documented type of every top-level value a run reads (conf/config.yaml and the groups' YAML comments)
+DOCUMENTED_TYPES = {
+    "sparsity": float, "pattern": str, "seed": int, "device": str, "dtype": str, "batch_size": int,
+    "true_sequential": bool, "streaming": (str, bool), "save_model": bool, "use_cache": bool, "skip_done": bool,
+    "model.name": str, "data.calibration": str, "data.evaluation": (list, ListConfig), "data.nsamples": int, "data.seqlen": int,
+    "data.heldout_fraction": float, "data.eval_windows": (int, type(None)), "eval.dense": bool, "eval.batch_size": int,
+    "allocation.method": str, "logger.name": str, "zeroshot.tasks": (list, ListConfig), "export.semi_structured": bool,
+}
+
+
+def _value(cfg, dotted: str):
+    return OmegaConf.select(cfg, dotted, throw_on_missing=True)
+
+
+def _pruned_counts_match(pruner, sparsity: float, pattern) -> None:
+    """The instantiated pruner prunes a small random layer to the configured sparsity and pattern."""
+    import torch
+
+    from msp.masks import prune_count
+    from msp.pruners import LayerStats
+
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 8, 32
+    weight, x = torch.randn(rows, cols, generator=g), torch.randn(256, cols, generator=g)
+    stats = LayerStats(cols, need_hessian=pruner.needs_hessian)
+    stats.add_batch(x)
+    pruned = pruner.prune_weight(weight, stats, sparsity, pattern)
+    assert pruned.shape == weight.shape and pruned.dtype == weight.dtype
+    layer_pattern = pattern.for_layer(sparsity)
+    zeros = pruned == 0
+    if getattr(pruner, "bits", None):  # quantization may round a kept weight to zero: at least the pruned ones
+        assert int(zeros.sum()) >= prune_count(rows * cols, sparsity)
+    elif layer_pattern.kind == "nm":
+        assert (zeros.view(rows, cols // layer_pattern.m, layer_pattern.m).sum(-1) == layer_pattern.m - layer_pattern.n).all()
+    elif pruner.scores(weight, stats) is not None:  # score pruners: an exact count per row
+        assert (zeros.sum(dim=1) == prune_count(cols, sparsity)).all()
+    else:  # SparseGPT: an exact count per layer
+        assert int(zeros.sum()) == prune_count(rows * cols, sparsity)
+    kept = ~zeros
+    if not getattr(pruner, "bits", None) and pruner.scores(weight, stats) is not None:
+        assert torch.equal(pruned[kept], weight[kept])  # score pruners only remove
+
+
 @pytest.mark.parametrize("group,option", list(options()))
-def test_every_config_option_composes_and_instantiates(group, option):
+def test_every_config_option_composes_with_the_documented_types_and_prunes(group, option):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*override_for(group, option), "cache_dir=/tmp/msp-test-cache"])
-    pruner = instantiate(cfg.pruner)
-    assert hasattr(pruner, "prune_weight")
+    wrong = {}
+    for key, kind in DOCUMENTED_TYPES.items():
+        value = _value(cfg, key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            wrong[key] = value
+    assert not wrong, f"{group}={option}: values of the wrong type: {wrong}"
+    assert all(isinstance(t, str) for t in cfg.data.evaluation) and all(isinstance(t, str) for t in cfg.zeroshot.tasks)
     spec = spec_from_config(cfg)
     if spec.model in ("smollm2-135m", "tiny-llama", "tiny-opt") and group != "experiment":
         validate_early(spec)
+    assert spec.pruner.name == cfg.pruner._target_.rsplit(".", 1)[1].removesuffix("Pruner").lower()
+    _pruned_counts_match(spec.pruner, spec.sparsity, spec.pattern)
 
 
-def test_config_groups_exist():
-    names = {g for g, _ in options()}
-    assert {"model", "pruner", "allocation", "data", "eval", "logger"} <= names
+@pytest.mark.parametrize("pattern", ["2:4", "N:8"])
+@pytest.mark.parametrize("pruner", ["magnitude", "wanda", "sparsegpt"])
+def test_every_pruner_config_prunes_to_an_nm_pattern(pruner, pattern):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"pruner={pruner}", f"pattern={pattern}", "sparsity=0.75", "cache_dir=/tmp/x"])
+    spec = spec_from_config(cfg)
+    _pruned_counts_match(spec.pruner, spec.sparsity, spec.pattern)
 
 
 def test_defaults_are_the_documented_ones():

@@ -110,21 +110,48 @@ def test_hooks_are_removed_when_the_callback_fails(cpu):
     assert all(not l._forward_pre_hooks and not l._forward_hooks for l in prunable_layers(lm.model).values())
 
 
-def test_pipeline_speed_benchmark_runs_and_reports_the_search(tmp_path, one_thread):
-    """bench/pipeline_speed.py end to end on tiny-llama: every ratio present, the candidates really pruned (KL > 0)."""
+def _bench():
     import importlib.util
-    import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "bench" / "pipeline_speed.py"
     spec = importlib.util.spec_from_file_location("pipeline_speed", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_pipeline_speed_benchmark_reports_consistent_measurements(tmp_path, one_thread):
+    """bench/pipeline_speed.py end to end on tiny-llama: the report describes the run that was asked for, its ratios are
+    the quotients of its own timings, the pruned model has the asked sparsity, a pruned candidate is away from the dense
+    model (KL > 0) and a candidate at level 0 (dense) is not (KL = 0)."""
+    import json
+    import math
+
+    bench = _bench()
     bench.main(["--model", "tiny-llama", "--nsamples", "2", "--seqlen", "32", "--pruners", "wanda", "--search", "wanda,sparsegpt",
                 "--fitness-windows", "1", "--fitness-seqlen", "32", "--candidates", "2", "--out", str(tmp_path)])
-    result = json.loads((tmp_path / "pipeline_speed_tiny-llama_cpu.json").read_text())
-    assert result["pruners"]["wanda"]["ratio_to_forward"] > 0
+    r = json.loads((tmp_path / "pipeline_speed_tiny-llama_cpu.json").read_text())
+    assert (r["model"], r["nsamples"], r["seqlen"], r["tokens"], r["sparsity"]) == ("tiny-llama", 2, 32, 64, 0.5)
+    assert r["forward_s"] > 0 and math.isclose(r["forward_tokens_per_s"], 64 / r["forward_s"])
+    assert set(r["pruners"]) == {"wanda", "wanda (true sequential)"}
+    for label, p in r["pruners"].items():
+        assert math.isclose(p["ratio_to_forward"], p["prune_s"] / r["forward_s"]), label
+        assert 0 <= p["prune_weight_s"] <= p["prune_s"] and math.isclose(p["pipeline_s"] + p["prune_weight_s"], p["prune_s"])
+        assert abs(p["sparsity"] - 0.5) < 1e-6 and p["true_sequential"] == label.endswith("(true sequential)")
+        assert p["meets_target"] == (p["ratio_to_forward"] <= p["target_ratio"])
+    s = r["search"]
+    assert s["units"] == 2 and s["fitness_tokens"] == 32 and s["levels"] == [0.5, 0.6, 0.7, 0.8, 0.9]
     for name, mode in (("wanda", "ranking"), ("sparsegpt", "store")):
-        s = result["search"]["pruners"][name]
-        assert s["mode"] == mode and s["candidate_ratio_to_bare_forward"] > 0 and s["last_fitness"] > 0
-    assert "Search (" in (tmp_path / "pipeline_speed_tiny-llama_cpu.md").read_text()
+        p = s["pruners"][name]
+        assert p["mode"] == mode and math.isfinite(p["last_fitness"]) and p["last_fitness"] > 1e-4, (name, p["last_fitness"])
+        assert math.isclose(p["candidate_ratio_to_bare_forward"], p["candidate_s"] / s["bare_forward_s"])
+        assert math.isclose(p["fitness_tokens_per_s"], 32 / p["candidate_s"]) and 0 <= p["swap_s"] <= p["candidate_s"]
+    md = (tmp_path / "pipeline_speed_tiny-llama_cpu.md").read_text()
+    assert "| wanda (true sequential) |" in md and "| sparsegpt | store |" in md
+
+    dense = bench.main(["--model", "tiny-llama", "--nsamples", "2", "--seqlen", "32", "--pruners", "", "--search", "wanda,sparsegpt",
+                        "--levels", "0.0,0.0", "--fitness-windows", "1", "--fitness-seqlen", "32", "--candidates", "1",
+                        "--out", str(tmp_path / "dense")])
+    for name in ("wanda", "sparsegpt"):
+        assert abs(dense["search"]["pruners"][name]["last_fitness"]) < 1e-5, name  # level 0 = the dense model: KL 0

@@ -1,0 +1,61 @@
+"""Textbook Wanda and SparseGPT, written from the papers in float64 with plain loops; no code shared with msp.
+
+- Wanda (Sun et al. 2023, eq. 1): per output row i, remove the k = round(s·in) weights with the smallest
+  |W_ij|·‖X_j‖₂; for N:M, the M−N smallest of every group of M consecutive inputs.
+- SparseGPT (Frantar & Alistarh 2023, Algorithm 1): see :func:`sparsegpt_reference`.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def wanda_reference(w: torch.Tensor, x: torch.Tensor, sparsity: float, n: int = 0, m: int = 0) -> torch.Tensor:
+    w, x = w.double(), x.double()
+    score = w.abs() * x.norm(dim=0)  # |W_ij|·‖X_j‖₂
+    keep = torch.ones_like(w, dtype=torch.bool)
+    rows, cols = w.shape
+    for i in range(rows):
+        if m:
+            for g in range(0, cols, m):
+                drop = torch.argsort(score[i, g : g + m])[: m - n]
+                keep[i, g + drop] = False
+        else:
+            k = int(sparsity * cols + 0.5)
+            keep[i, torch.argsort(score[i])[:k]] = False
+    return w * keep
+
+
+def sparsegpt_reference(w, x, sparsity, n=0, m=0, blocksize=128, percdamp=0.01) -> torch.Tensor:
+    """H = 2XᵀX/n; dead inputs (H_jj = 0) get H_jj = 1 and W_:,j = 0; H += λI, λ = percdamp·mean(diag H);
+    U = upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU). Columns in blocks of B: at each block start (unstructured) the block's
+    mask removes the p% smallest w²/U_jj² of the whole block (all rows together); for N:M, at every M-th column, the
+    M−N smallest of each row's next M. Each column's pruning error E_:,j = (1−M_:,j)·W_:,j/U_jj is spread over the
+    block's remaining columns (OBS update), and after the block over every later column at once (lazy batch update).
+    w: (out, in), x: (tokens, in)."""
+    W, X = w.double().clone(), x.double()
+    rows, cols = W.shape
+    H = 2.0 * X.T @ X / X.shape[0]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.linalg.inv(H)).T  # upper factor: H⁻¹ = UᵀU
+    keep = torch.ones_like(W, dtype=torch.bool)
+    for i in range(0, cols, blocksize):
+        j2 = min(i + blocksize, cols)
+        E = torch.zeros(rows, j2 - i, dtype=W.dtype)
+        if not m:  # the block's mask: the p% smallest saliencies of the whole block
+            sal = W[:, i:j2] ** 2 / torch.diag(U)[i:j2] ** 2
+            k = int(sparsity * sal.numel() + 0.5)
+            block_keep = torch.ones(sal.numel(), dtype=torch.bool)
+            block_keep[torch.argsort(sal.flatten())[:k]] = False
+            keep[:, i:j2] = block_keep.view_as(sal)
+        for j in range(i, j2):
+            if m and (j - i) % m == 0:
+                sal = W[:, j : j + m] ** 2 / torch.diag(U)[j : j + m] ** 2
+                for r in range(rows):
+                    keep[r, j + torch.argsort(sal[r])[: m - n]] = False
+            E[:, j - i] = (~keep[:, j]) * W[:, j] / U[j, j]
+            W[:, j:j2] -= torch.outer(E[:, j - i], U[j, j:j2])  # OBS update (column j of a pruned weight becomes 0)
+        W[:, j2:] -= E @ U[i:j2, j2:]  # lazy batch update of every later column
+    return W * keep
