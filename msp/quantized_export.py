@@ -52,6 +52,7 @@ from msp.pruners.sparsegpt import minmax_quant_params
 log = logging.getLogger(__name__)
 
 FORMAT = "pack-quantized"
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_BITS = (2, 3, 4, 8)  # the widths msp's pruner quantizes to (pruner.bits); vLLM's WNA16 kernels take 4 and 8
 
 
@@ -157,7 +158,7 @@ class GridCheck:
 @torch.no_grad()
 def check_grid(weight: torch.Tensor, qp: LayerQParams, bits: int, name: str = "weight") -> GridCheck:
     """How well ``weight`` (out, in) lies on the grid ``qp``; see :func:`grid_tolerance` for the pass mark."""
-    scale, zero, group = _as_grid(qp, weight, name)
+    scale, zero, group = _as_grid(LayerQParams(*qp), weight, name)
     rows, cols = weight.shape
     t = weight.detach().to(torch.float32).reshape(rows, cols // group, group) / scale.unsqueeze(-1) + zero.unsqueeze(-1)
     r = torch.round(t)
@@ -236,6 +237,7 @@ def save_pack_quantized(
     *,
     bits: int = 4,
     group_size: int | None = None,
+    dtype: torch.dtype | None = None,
     dequantize_on_load: bool | None = None,
 ) -> QuantizedExport:
     """Write ``model`` to ``folder`` as a compressed-tensors ``pack-quantized`` checkpoint (see the module docstring).
@@ -243,7 +245,9 @@ def save_pack_quantized(
     ``qparams``: per Linear layer name (as :func:`msp.models.prunable_layers` names them), the ``(scale, zero)``
     its weight was quantized with (:func:`qparams_from_dense`). ``group_size``: None for per-channel qparams (out,),
     else the group size the (out, in/group_size) qparams were made for. The model is not changed; every layer is
-    checked to be on its grid before anything is written. Returns a :class:`QuantizedExport`.
+    checked to be on its grid before anything is written. ``dtype``: the float dtype of the scales and of the
+    tensors that are not packed (embeddings, norms, ``lm_head``), e.g. ``torch.float16`` as deployed; default: the
+    model's (float32 keeps the in-memory logits bit for bit). Returns a :class:`QuantizedExport`.
 
     ``dequantize_on_load`` (default: True for an asymmetric grid) adds transformers' own ``dequantize: true`` to
     the ``quantization_config``. With compressed-tensors 0.20.1 and transformers 5.24, transformers' default
@@ -258,6 +262,8 @@ def save_pack_quantized(
     if not qparams:
         raise QuantizedExportError("no qparams given: nothing to quantize (qparams_from_dense(dense weights, bits) before pruning)")
     qparams = {name: LayerQParams(*qp) for name, qp in qparams.items()}
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise QuantizedExportError(f"dtype={dtype} is not a float dtype for the saved tensors; valid: {', '.join(map(str, FLOAT_DTYPES))}")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     checks = check_on_grid(linears, qparams, bits)
 
@@ -278,15 +284,17 @@ def save_pack_quantized(
     packed: dict[str, dict[str, torch.Tensor]] = {}  # layer → its compressed tensors (local names)
     for name, (scale, zero, _) in grids.items():
         weight = linears[name].weight.detach()
-        dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
+        scale_dtype = dtype or (weight.dtype if weight.dtype in FLOAT_DTYPES else torch.float16)
         local = {
             "weight": weight,
-            "weight_scale": scale.to(dtype),
+            "weight_scale": scale.to(scale_dtype),
             "weight_zero_point": (zero - mid).to(torch.int8),  # compressed-tensors' signed zero point
         }
         compressed = PackedQuantizationCompressor.compress(local, scheme)
         restored = PackedQuantizationCompressor.decompress(compressed, scheme)["weight"]
-        if not torch.allclose(restored.float(), weight.float(), rtol=0, atol=float(scale.max()) * 1e-3):
+        # exact up to the scale's rounding to scale_dtype: (q − zp) · scale moves by at most maxq · |Δscale|
+        atol = float(scale.max()) * (1e-3 + (2**bits - 1) * torch.finfo(scale_dtype).eps)
+        if not torch.allclose(restored.float(), weight.float(), rtol=0, atol=atol):
             diff = float((restored.float() - weight.float()).abs().max())
             raise QuantizedExportError(f"layer {name}: compressed-tensors' pack/unpack moves the weight by {diff:.3g}; not exported")
         packed[name] = {key: tensor.contiguous() for key, tensor in compressed.items()}
@@ -297,16 +305,19 @@ def save_pack_quantized(
         if leaf == "weight" and module in qparams:
             state.update({f"{module}.{local}": tensor for local, tensor in packed[module].items()})
         else:
-            state[key] = tensor
+            state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, state_dict=state, safe_serialization=True)
     ModelCompressor(quantization_config=qconfig).update_config(str(folder))
     dequantize_on_load = (not symmetric) if dequantize_on_load is None else bool(dequantize_on_load)
-    if dequantize_on_load:
+    if dequantize_on_load or dtype is not None:
         config_path = folder / "config.json"
         config = json.loads(config_path.read_text())
-        config["quantization_config"]["dequantize"] = True
+        if dequantize_on_load:
+            config["quantization_config"]["dequantize"] = True
+        if dtype is not None:
+            config["dtype"] = str(dtype).removeprefix("torch.")  # what from_pretrained loads the floats as
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(folder)
