@@ -113,6 +113,17 @@ def qparams_from_dense(
     return out
 
 
+def _compressors():
+    try:
+        from compressed_tensors.compressors import ModelCompressor, PackedQuantizationCompressor
+    except ImportError as exc:
+        raise QuantizedExportError(
+            f"the quantized export needs compressed-tensors>=0.20.1 ({exc}); pip install 'compressed-tensors>=0.20.1,<0.21' "
+            "(Python>=3.11, torch>=2.10), or set export.quantized=false"
+        ) from exc
+    return ModelCompressor, PackedQuantizationCompressor
+
+
 def _check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise QuantizedExportError(f"bits={bits} is not supported; valid: {', '.join(map(str, SUPPORTED_BITS))} (as pruner.bits)")
@@ -256,9 +267,8 @@ def save_pack_quantized(
     its dequantize-at-load path unpacks it correctly. transformers has no int4 kernels and decompresses the whole
     model on the first forward anyway, so nothing is lost; vLLM and compressed-tensors ignore the key.
     """
-    from compressed_tensors.compressors import ModelCompressor, PackedQuantizationCompressor
-
     _check_bits(bits)
+    ModelCompressor, PackedQuantizationCompressor = _compressors()
     if not qparams:
         raise QuantizedExportError("no qparams given: nothing to quantize (qparams_from_dense(dense weights, bits) before pruning)")
     qparams = {name: LayerQParams(*qp) for name, qp in qparams.items()}
@@ -300,12 +310,16 @@ def save_pack_quantized(
         packed[name] = {key: tensor.contiguous() for key, tensor in compressed.items()}
 
     state: dict[str, torch.Tensor] = {}
+    cast: dict[tuple, torch.Tensor] = {}  # one cast per storage: tied weights (lm_head = embeddings) stay one tensor
     for key, tensor in model.state_dict().items():
         module, _, leaf = key.rpartition(".")
         if leaf == "weight" and module in qparams:
             state.update({f"{module}.{local}": tensor for local, tensor in packed[module].items()})
+        elif dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            source = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+            state[key] = cast[source] if source in cast else cast.setdefault(source, tensor.to(dtype))
         else:
-            state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            state[key] = tensor
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, state_dict=state, safe_serialization=True)

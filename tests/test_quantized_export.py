@@ -166,3 +166,25 @@ def test_refuses_qparams_that_do_not_fit(sparsegpt_int4, tmp_path):
     with pytest.raises(QuantizedExportError, match="bits=5 is not supported"):
         save_pack_quantized(loaded.model, None, tmp_path / "c", qparams, bits=5)
     assert not any(tmp_path.iterdir())
+
+
+def test_float16_export_keeps_tied_embeddings_one_tensor(tmp_path):
+    """lm_head tied to the embeddings (SmolLM2, Gemma): casting to float16 must not store the matrix twice."""
+    from msp.models import tiny_config
+
+    config = tiny_config("tiny-llama")
+    config.tie_word_embeddings = True
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+    layers = prunable_layers(model)
+    qparams = qparams_from_dense({n: l.weight for n, l in layers.items()}, bits=4)
+    for name, lin in layers.items():
+        lin.weight.data = quantize(lin.weight.data, qparams[name].scale[:, None], qparams[name].zero[:, None], 15)
+    save_pack_quantized(model, None, tmp_path / "q", qparams, bits=4, dtype=torch.float16)
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys()) and f.get_tensor("model.embed_tokens.weight").dtype == torch.float16
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    ids = calibration(2, 24)
+    assert (logits(reloaded, ids).float() - logits(model, ids)).abs().max().item() <= FP16_LOGITS_ATOL
