@@ -346,7 +346,61 @@ def save_pack_quantized(
     return result
 
 
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _load_pruned(folder: str):
+    """The pruned model as saved (its dtype kept) and its tokenizer when the folder has one (tiny models have none)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from msp.models import ModelError
+
+    path = Path(folder)
+    if not (path / "config.json").exists():
+        raise ModelError(f"{folder} has no config.json; give the model/ folder a run wrote with save_model=true")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        log.info("%s holds no tokenizer; the quantized folder gets none either", folder)
+        tokenizer = None
+    return model, tokenizer
+
+
+def quantized_main(argv: list[str]) -> int:
+    """``python -m msp.export quantized <pruned model> <out> --dense <dense model> [--bits 4] [--dtype float16]``:
+    write a model pruned with ``pruner=sparsegpt pruner.bits=<bits>`` and saved by the run (``save_model=true``) as
+    ``pack-quantized``, taking the grid from the dense model it was pruned from."""
+    import argparse
+    import sys
+
+    from msp.models import ModelError, load_model, prunable_layers
+
+    parser = argparse.ArgumentParser(
+        prog="python -m msp.export quantized",
+        description="Write a model pruned with pruner.bits as a compressed-tensors pack-quantized checkpoint.",
+    )
+    parser.add_argument("model", help="the pruned model's folder (a run's model/ with save_model=true)")
+    parser.add_argument("out", help="output folder, e.g. <run dir>/model-quantized")
+    parser.add_argument("--dense", required=True, help="the dense model it was pruned from (its model= value, e.g. smollm2-135m)")
+    parser.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS, help="the run's pruner.bits (default: 4)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="float dtype of scales and unpacked tensors (default: the model's)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        dense = load_model(args.dense)
+        qparams = qparams_from_dense({n: l.weight for n, l in prunable_layers(dense.model).items()}, args.bits)
+        del dense
+        model, tokenizer = _load_pruned(args.model)
+        result = save_pack_quantized(model, tokenizer, args.out, qparams, bits=args.bits, dtype=DTYPES[args.dtype] if args.dtype else None)
+    except (QuantizedExportError, ModelError) as exc:
+        print(f"msp.export quantized: error: {exc}", file=sys.stderr)
+        return 2
+    print(result.folder)
+    return 0
+
+
 __all__ = [
     "LayerQParams", "QuantizedExport", "QuantizedExportError", "GridCheck", "build_quantization_config", "check_grid",
-    "check_on_grid", "grid_tolerance", "qparams_from_dense", "safetensors_bytes", "save_pack_quantized",
+    "check_on_grid", "grid_tolerance", "qparams_from_dense", "quantized_main", "safetensors_bytes", "save_pack_quantized",
 ]

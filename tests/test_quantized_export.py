@@ -188,3 +188,19 @@ def test_float16_export_keeps_tied_embeddings_one_tensor(tmp_path):
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
     ids = calibration(2, 24)
     assert (logits(reloaded, ids).float() - logits(model, ids)).abs().max().item() <= FP16_LOGITS_ATOL
+
+
+def test_cli_writes_a_saved_pruned_model(sparsegpt_int4, tmp_path, capsys):
+    """``python -m msp.export quantized <model dir> <out> --dense tiny-llama``: the grid comes from the dense model."""
+    from msp.export import main
+
+    loaded, _ = sparsegpt_int4
+    save_pruned_model(loaded, tmp_path / "model")
+    assert main(["quantized", str(tmp_path / "model"), str(tmp_path / "q"), "--dense", "tiny-llama", "--bits", "4"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    ids = calibration(2, 24)
+    assert (logits(reloaded, ids) - logits(loaded.model, ids)).abs().max().item() <= LOGITS_ATOL
+    # a dense model that is not the one it was pruned from: refused in one line, nothing written
+    assert main(["quantized", str(tmp_path / "model"), str(tmp_path / "bad"), "--dense", "tiny-opt"]) == 2
+    assert "error:" in capsys.readouterr().err and not (tmp_path / "bad").exists()
