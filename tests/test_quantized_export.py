@@ -30,6 +30,7 @@ from msp.quantized_export import (  # noqa: E402
 # logits agree bit for bit; the tolerance only leaves room for a different matmul order
 LOGITS_ATOL = 1e-5
 FP16_LOGITS_ATOL = 2e-2  # the float16 export: scales, embeddings and activations rounded to float16
+BF16_LOGITS_ATOL = 5e-2  # a bfloat16 model: scales stored in bfloat16 (measured 6e-3 on tiny-llama)
 CPU = torch.device("cpu")
 
 
@@ -204,3 +205,21 @@ def test_cli_writes_a_saved_pruned_model(sparsegpt_int4, tmp_path, capsys):
     # a dense model that is not the one it was pruned from: refused in one line, nothing written
     assert main(["quantized", str(tmp_path / "model"), str(tmp_path / "bad"), "--dense", "tiny-opt"]) == 2
     assert "error:" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_bfloat16_model_is_on_its_grid_within_rounding(tmp_path):
+    """A bfloat16 run: the pruner's float32 grid values are rounded to bfloat16 (up to ~0.03 grid steps here), which
+    :func:`grid_tolerance` allows; the scales are stored in bfloat16 as compressed-tensors does, so the weights move
+    by at most maxq · |Δscale| and the logits by little."""
+    loaded = build_tiny_model("tiny-llama", seed=0, dtype=torch.bfloat16)
+    layers = prunable_layers(loaded.model)
+    qparams = qparams_from_dense({n: l.weight for n, l in layers.items()}, bits=4)
+    prune_(loaded.model, SparseGPTPruner(bits=4, blocksize=32), uniform(layers, 0.5), calibration(), CPU)
+    result = save_pack_quantized(loaded.model, None, tmp_path / "q", qparams, bits=4)
+    assert 0 < result.max_grid_offset < 0.1
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert reloaded.dtype == torch.bfloat16
+    ids = calibration(2, 24)
+    assert (logits(reloaded, ids).float() - logits(loaded.model, ids).float()).abs().max().item() <= BF16_LOGITS_ATOL
+    for name, lin in prunable_layers(reloaded).items():
+        assert torch.equal(lin.weight == 0, layers[name].weight == 0), name
