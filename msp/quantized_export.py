@@ -5,8 +5,8 @@ as floats on a per-row grid ``w = scale · (q − zero)``, q an integer in ``[0,
 the *dense* row, :func:`~msp.pruners.sparsegpt.minmax_quant_params`). Here that grid is written as it is:
 
 * **scheme**: weight-only ``int<bits>``, asymmetric, per channel (``strategy: channel``; per group when the
-  qparams hold one column per group), activations in float — vLLM's ``CompressedTensorsWNA16`` with zero points
-  (``uint4``) and transformers' compressed-tensors quantizer read it. msp's zero point is an integer
+  qparams hold one column per group), activations in float — transformers' compressed-tensors quantizer reads it
+  (tested), and so does vLLM's ``CompressedTensorsWNA16`` with zero points (``uint4``; read in its source). msp's zero point is an integer
   (``round(-min/scale)``, and ``min ≤ 0 ≤ max``), so a pruned 0 is exactly ``q = zero`` and dequantises to exactly
   0: **pruned zeros stay zeros under the asymmetric scheme**, no need to re-quantize symmetric (which would throw
   away SparseGPT's joint error compensation and change the logits). When every zero point is the middle of the
@@ -32,7 +32,7 @@ Loading (CPU or GPU)::
 
 transformers turns the int4 weights back into float (the dense-with-zeros model msp had in memory, bit for bit
 in float32): it has no int4 kernels. vLLM (``vllm serve <folder>``) runs them with its WNA16 kernels (Marlin/Machete
-take 4-bit zero points). An asymmetric checkpoint carries ``dequantize: true`` in its ``quantization_config`` so
+take 4-bit zero points; not run here). An asymmetric checkpoint carries ``dequantize: true`` in its ``quantization_config`` so
 that transformers takes its dequantize-at-load path (see :func:`save_pack_quantized` for the bug it avoids).
 """
 from __future__ import annotations
@@ -265,7 +265,8 @@ def save_pack_quantized(
     load path builds each asymmetric layer's zero point unpacked, ``(out, groups)``, while the compressor writes
     it packed, ``(out·bits/32, groups)`` (what vLLM reads), and ``from_pretrained`` stops on the size mismatch;
     its dequantize-at-load path unpacks it correctly. transformers has no int4 kernels and decompresses the whole
-    model on the first forward anyway, so nothing is lost; vLLM and compressed-tensors ignore the key.
+    model on the first forward anyway, so nothing is lost. compressed-tensors' own ``QuantizationConfig`` ignores
+    the key (``extra="ignore"``); vLLM builds its config from the keys it knows (read in its source, not run here).
     """
     _check_bits(bits)
     ModelCompressor, PackedQuantizationCompressor = _compressors()
@@ -295,12 +296,13 @@ def save_pack_quantized(
     for name, (scale, zero, _) in grids.items():
         weight = linears[name].weight.detach()
         scale_dtype = dtype or (weight.dtype if weight.dtype in FLOAT_DTYPES else torch.float16)
-        local = {
-            "weight": weight,
-            "weight_scale": scale.to(scale_dtype),
+        local = {  # q is found in float32 (a bfloat16 w / scale can sit ~0.03 steps off), the scale stored in scale_dtype
+            "weight": weight.to(torch.float32),
+            "weight_scale": scale,
             "weight_zero_point": (zero - mid).to(torch.int8),  # compressed-tensors' signed zero point
         }
-        compressed = PackedQuantizationCompressor.compress(local, scheme)
+        compressed = dict(PackedQuantizationCompressor.compress(local, scheme))
+        compressed["weight_scale"] = compressed["weight_scale"].to(scale_dtype)
         restored = PackedQuantizationCompressor.decompress(compressed, scheme)["weight"]
         # exact up to the scale's rounding to scale_dtype: (q − zp) · scale moves by at most maxq · |Δscale|
         atol = float(scale.max()) * (1e-3 + (2**bits - 1) * torch.finfo(scale_dtype).eps)
