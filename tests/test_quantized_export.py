@@ -66,6 +66,9 @@ def test_qparams_from_dense_is_msp_minmax_golden():
     assert torch.equal(qp.scale, scale) and torch.equal(qp.zero, zero)
     sym = qparams_from_dense({"l": w}, bits=4, symmetric=True)["l"]
     assert torch.allclose(sym.scale, torch.tensor([4 / 15, 2 / 15])) and torch.equal(sym.zero, torch.tensor([8.0, 8.0]))
+    # SparseGPT zeroes dead inputs (H_jj = 0) before its min-max: row 0 without column 0 spans [0, 2]
+    dead = qparams_from_dense({"l": w}, bits=4, dead_inputs={"l": torch.tensor([True, False, False, False])})["l"]
+    assert torch.allclose(dead.scale, torch.tensor([2 / 15, 1 / 15])) and torch.equal(dead.zero, torch.tensor([0.0, 0.0]))
     grouped = qparams_from_dense({"l": w}, bits=4, group_size=2)["l"]
     assert grouped.scale.shape == (2, 2) and torch.equal(grouped.zero[0], torch.tensor([15.0, 0.0]))
 
@@ -223,3 +226,13 @@ def test_bfloat16_model_is_on_its_grid_within_rounding(tmp_path):
     assert (logits(reloaded, ids).float() - logits(loaded.model, ids).float()).abs().max().item() <= BF16_LOGITS_ATOL
     for name, lin in prunable_layers(reloaded).items():
         assert torch.equal(lin.weight == 0, layers[name].weight == 0), name
+
+
+def test_import_is_lean():
+    """compressed-tensors (and what it pulls in) is imported only when a quantized export is written."""
+    import subprocess
+    import sys
+
+    code = "import sys, msp.quantized_export; print('compressed_tensors' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
