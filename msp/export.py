@@ -20,6 +20,10 @@ Command line, for a model saved by a run with ``save_model=true``::
 **llm-compressor recipe.** ``python -m msp.export recipe <run dir> [--out recipe.yaml] [--pruner sparsegpt|wanda] [--granularity block|layer]``
 writes a recipe for llm-compressor's ``oneshot`` that applies the run's allocation (see :func:`build_recipe`);
 llm-compressor is not imported (nor a dependency): the recipe is plain YAML.
+
+**Quantized sparse model.** ``python -m msp.export quantized <model dir> <out> --dense <dense model> [--bits 4] [--dtype float16]``
+writes a model pruned with ``pruner.bits`` as a compressed-tensors ``pack-quantized`` checkpoint that
+transformers and vLLM load (see :mod:`msp.quantized_export`).
 """
 from __future__ import annotations
 
@@ -501,9 +505,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["recipe"]:
         return recipe_main(argv[1:])
+    if argv[:1] == ["quantized"]:
+        from msp.quantized_export import quantized_main
+
+        return quantized_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m msp.export", description="Pack a 2:4-pruned model (saved with save_model=true). "
-        "Or: python -m msp.export recipe <run dir> [--out recipe.yaml] [--pruner sparsegpt|wanda] [--granularity block|layer]")
+        "Or: python -m msp.export recipe <run dir> [--out recipe.yaml] [--pruner sparsegpt|wanda] [--granularity block|layer]. "
+        "Or: python -m msp.export quantized <model dir> <out> --dense <dense model> [--bits 4] [--dtype float16]")
     parser.add_argument("model", help="folder written by save_pretrained (a run's model/ folder)")
     parser.add_argument("out", help="output folder for the packed 2:4 model")
     args = parser.parse_args(argv)
