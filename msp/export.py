@@ -40,6 +40,7 @@ from torch import nn
 
 from msp.device import is_gpu
 from msp.models import prunable_layers
+from msp.errors import MspError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ TENSORS_FILE = "sparse24.safetensors"
 MANIFEST_FILE = "sparse24.json"
 
 
-class ExportError(ValueError):
+class ExportError(MspError):
     """The model cannot be exported as 2:4 (a layer is not 2:4); the message names the fix."""
 
 
@@ -277,7 +278,7 @@ def export_run(model: nn.Module, tokenizer, folder: Path, check_ids: torch.Tenso
 RECIPE_MODIFIERS = {"sparsegpt": "SparseGPTModifier", "wanda": "WandaPruningModifier"}
 
 
-class RecipeError(ValueError):
+class RecipeError(MspError):
     """A run whose allocation cannot be written as an llm-compressor recipe; the message says why and what to do."""
 
 

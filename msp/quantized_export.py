@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from msp.pruners.sparsegpt import minmax_quant_params
+from msp.errors import MspError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_BITS = (2, 3, 4, 8)  # the widths msp's pruner quantizes to (pruner.bits); vLLM's WNA16 kernels take 4 and 8
 
 
-class QuantizedExportError(ValueError):
+class QuantizedExportError(MspError):
     """The model cannot be written as ``pack-quantized`` (weights off their grid, qparams that do not fit)."""
 
 

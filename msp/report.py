@@ -33,6 +33,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
+from msp.errors import MspError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ RUN_PNG, RUN_MD = "summary.png", "summary.md"
 SWEEP_PNG, SWEEP_MD = "pareto.png", "pareto.md"
 
 
-class ReportError(ValueError):
+class ReportError(MspError):
     """The folder holds nothing to render; the message says what was expected."""
 
 
