@@ -33,6 +33,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
+
 from msp.errors import MspError
 
 log = logging.getLogger(__name__)
