@@ -18,7 +18,13 @@ log = logging.getLogger(__name__)
 OUTPUT_ONLY_KEYS = ("cache_dir", "use_cache", "skip_done", "done_dirs", "logger", "experiment", "zeroshot.data_dir")
 #: options added after runs were recorded, at the value that reproduces the earlier behaviour: dropped from the hash
 #: at that value, so finished runs still count as done; any other value is part of the hash as usual
-NEUTRAL_DEFAULTS = {"true_sequential": False, "eval.devices": None}
+NEUTRAL_DEFAULTS = {"true_sequential": False, "eval.devices": None, "eval.skip": False}
+#: facts about ``model.name`` carried by the ``model=`` entries (msp.config.ModelConfig), added after runs were
+#: recorded: they follow from the name and do not change a run's numbers
+MODEL_FACTS = ("model.loader", "model.max_seqlen", "model.licence")
+#: an experiment's search budget; earlier configs carried it as ``allocation.generations`` on every allocation
+#: (the other allocators ignored it), so it is hashed there
+SEARCH_GENERATIONS = "search_generations"
 RESULTS = "results.json"
 SKIPPED = "skipped.json"
 
@@ -38,8 +44,11 @@ def config_hash(config: dict) -> str:
     """sha256 (first 16 hex digits) of the resolved config as canonical JSON, minus :data:`OUTPUT_ONLY_KEYS`."""
     tree = json.loads(json.dumps(config, default=str))
     tree.pop("hydra", None)
-    for key in OUTPUT_ONLY_KEYS:
+    for key in (*OUTPUT_ONLY_KEYS, *MODEL_FACTS):
         _drop(tree, key)
+    generations = tree.pop(SEARCH_GENERATIONS, None)
+    if generations not in (None, "???") and isinstance(tree.get("allocation"), dict):
+        tree["allocation"].setdefault("generations", generations)
     for key, neutral in NEUTRAL_DEFAULTS.items():
         *parents, leaf = key.split(".")
         node: Any = tree
@@ -55,7 +64,7 @@ def config_hash_of(cfg) -> str:
     interpolations (``cache_dir`` → ``${hydra:runtime.cwd}``) need no Hydra context."""
     from omegaconf import OmegaConf, open_dict
 
-    cfg = cfg.copy()
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # plain nodes: a schema's keys cannot be deleted
     with open_dict(cfg):
         for key in OUTPUT_ONLY_KEYS:
             *parents, leaf = key.split(".")

