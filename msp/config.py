@@ -20,7 +20,7 @@ Types are chosen so that a composed config of an existing command is unchanged, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, List, Optional, Union
 
 from omegaconf import MISSING
 

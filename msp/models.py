@@ -219,10 +219,6 @@ def layer_block_index(layer_name: str, prefix: str) -> int:
     return int(rest.split(".", 1)[0])
 
 
-def input_embeddings_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def save_pruned_model(loaded: LoadedModel, folder: Path) -> None:
     """Dense-with-zeros safetensors via ``save_pretrained`` (tokenizer too when it can be saved)."""
     _drop_gguf_quantizer(loaded.model)

@@ -54,6 +54,7 @@ def test_cli_true_sequential_prunes_in_one_pass_to_the_target(tmp_path):
     "args, message",
     [
         (["sparsity=1.2"], "outside [0, 1)"),
+        (["sparsity=1.5", "pattern=2:4"], "sparsity=1.5 is outside [0, 1)"),  # a fixed pattern does not hide a bad sparsity
         (["pattern=4:4"], "need 0 < N < M"),
         (["pattern=2:5"], "not a multiple of M=5"),
         (["data.seqlen=4096"], "longer than the model's context"),
