@@ -147,17 +147,11 @@ OwlAllocation = dataclass(init=False, repr=False, eq=False)(type("OwlAllocation"
 
 
 @dataclass
-class NoZeroshot:
-    """``zeroshot=none``: no zero-shot evaluation (the default)."""
-
-    tasks: List[str] = field(default_factory=list)
-
-
-@dataclass
 class ZeroshotConfig:
-    """lm-eval zero-shot tasks, in-process on the pruned model object (``zeroshot=paper``, ``zeroshot=quick``)."""
+    """lm-eval zero-shot tasks, in-process on the pruned model object; none by default (``zeroshot=none``), the
+    papers' seven with ``zeroshot=paper``. With no tasks the other options are unused (and left out of the hash)."""
 
-    tasks: List[str] = field(default_factory=lambda: ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"])
+    tasks: List[str] = field(default_factory=list)  # any lm-eval task names
     num_fewshot: int = 0
     limit: Optional[int] = None  # examples per task (the first N); null: the whole split
     batch_size: int = 4  # lm-eval requests per forward
@@ -232,7 +226,7 @@ class MspConfig:
 #: group → option → schema, as registered (``conf/<group>/<option>.yaml`` lists ``schema_<option>`` first)
 GROUP_SCHEMAS: dict[str, dict[str, Any]] = {
     "pruner": {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig},
-    "zeroshot": {"none": NoZeroshot, "paper": ZeroshotConfig},
+    "zeroshot": {"zeroshot": ZeroshotConfig},
     "logger": {"none": NoLogger, "wandb": WandbLogger},
 }
 
@@ -259,5 +253,5 @@ def register_configs() -> None:
 
 
 __all__ = ["ModelConfig", "DataConfig", "EvalConfig", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "UniformAllocation",
-           "FileAllocation", "FisherAllocation", "HessianAllocation", "RankAllocation", "OwlAllocation", "NoZeroshot",
+           "FileAllocation", "FisherAllocation", "HessianAllocation", "RankAllocation", "OwlAllocation",
            "ZeroshotConfig", "NoLogger", "WandbLogger", "ExportConfig", "MspConfig", "register_configs"]

@@ -40,6 +40,21 @@ def _drop(tree: dict, dotted: str) -> None:
         node.pop(leaf, None)
 
 
+def _drop_unused_zeroshot_options(tree: dict) -> None:
+    """Without zero-shot tasks the other ``zeroshot.*`` options are unused; those at their schema default are left
+    out (earlier ``zeroshot=none`` configs had only ``tasks``, plus what an experiment overlay set)."""
+    from dataclasses import fields
+
+    from msp.config import ZeroshotConfig
+
+    node = tree.get("zeroshot")
+    if not isinstance(node, dict) or node.get("tasks"):
+        return
+    defaults = {f.name: getattr(ZeroshotConfig(), f.name) for f in fields(ZeroshotConfig)}
+    for key in [k for k in node if k != "tasks" and k in defaults and node[k] == defaults[k]]:
+        del node[key]
+
+
 def config_hash(config: dict) -> str:
     """sha256 (first 16 hex digits) of the resolved config as canonical JSON, minus :data:`OUTPUT_ONLY_KEYS`."""
     tree = json.loads(json.dumps(config, default=str))
@@ -49,6 +64,7 @@ def config_hash(config: dict) -> str:
     generations = tree.pop(SEARCH_GENERATIONS, None)
     if generations not in (None, "???") and isinstance(tree.get("allocation"), dict):
         tree["allocation"].setdefault("generations", generations)
+    _drop_unused_zeroshot_options(tree)
     for key, neutral in NEUTRAL_DEFAULTS.items():
         *parents, leaf = key.split(".")
         node: Any = tree
