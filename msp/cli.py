@@ -52,6 +52,16 @@ def spec_from_config(cfg: DictConfig):
     )
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """msp's own error types: :class:`MspError`, and (until their modules subclass it) the device, streaming and
+    export errors, which are msp's too."""
+    from msp.device import DeviceError
+    from msp.export import ExportError
+    from msp.streaming import StreamingError
+
+    return (MspError, DeviceError, StreamingError, ExportError)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> float | None:
     from msp.results import summary_table
@@ -74,7 +84,7 @@ def app(cfg: DictConfig) -> float | None:
                       tags=[spec.model, spec.pruner.name, str(spec.pattern), str(spec.allocation.get("method")), f"s{spec.sparsity}"])
         results = run(spec, run_dir, tracker)
         failed = False
-    except MspError as exc:  # msp's own errors are the user's to fix: one line; anything else is a bug: its traceback
+    except user_errors() as exc:  # msp's own errors are the user's to fix: one line; anything else is a bug: its traceback
         log.error("%s", exc)
         print(f"msp: error: {exc}", file=sys.stderr)
         print(f"msp: no results written; run directory: {run_dir}", file=sys.stderr)

@@ -20,7 +20,7 @@ from msp import data as data_mod
 from msp.allocation.budget import check_target
 from msp.allocation.build import Allocated, AllocationContext, build_allocation, check_allocation_options
 from msp.cache import DiskCache, cache_key
-from msp.device import DeviceError, StageMeter, is_gpu, resolve_device, resolve_devices, resolve_dtype
+from msp.device import StageMeter, is_gpu, resolve_device, resolve_devices, resolve_dtype
 from msp.errors import MspError
 from msp.eval.perplexity import perplexity, streamed_perplexity
 from msp.io import write_json_atomic
@@ -114,24 +114,21 @@ def validate_early(spec: RunSpec) -> None:
 def _check_devices_and_memory(spec: RunSpec) -> None:
     """device=cuda without a GPU, bf16 on an old GPU, eval.devices naming a missing GPU, an unknown streaming mode,
     a model or block too big for the memory budget (planned on a weightless skeleton): fail before loading."""
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    resolve_devices(spec.eval.get("devices"))
     try:
-        device = resolve_device(spec.device)
-        dtype = resolve_dtype(spec.dtype, device)
-        resolve_devices(spec.eval.get("devices"))
         parse_streaming_mode(spec.streaming)
-        if spec.gpu_budget_gb is not None or is_gpu(device):
-            from msp.models import skeleton_model
-
-            skeleton = skeleton_model(spec.model)
-            if skeleton is not None:
-                d = spec.data
-                plan_streaming(skeleton.to(dtype), device, spec.streaming, spec.gpu_budget_gb, batch_size=prune_batch_size(spec),
-                               seqlen=int(d["seqlen"]), nsamples=int(d["nsamples"]),
-                               need_hessian=bool(getattr(spec.pruner, "needs_hessian", False)))
-    except (DeviceError, StreamingError) as exc:  # until msp.device / msp.streaming errors subclass MspError
-        if isinstance(exc, MspError):
-            raise
+    except StreamingError as exc:
         raise ConfigError(str(exc)) from None
+    if spec.gpu_budget_gb is not None or is_gpu(device):
+        from msp.models import skeleton_model
+
+        skeleton = skeleton_model(spec.model)
+        if skeleton is not None:
+            d = spec.data
+            plan_streaming(skeleton.to(dtype), device, spec.streaming, spec.gpu_budget_gb, batch_size=prune_batch_size(spec),
+                           seqlen=int(d["seqlen"]), nsamples=int(d["nsamples"]), need_hessian=bool(getattr(spec.pruner, "needs_hessian", False)))
 
 
 @dataclass
