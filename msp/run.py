@@ -173,6 +173,8 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
     meter = StageMeter(device)
     cache = DiskCache(spec.cache_dir, enabled=spec.use_cache)
     model_key = {"model": spec.model, "revision": spec.model_revision, "dtype": str(dtype)}
+    # the stages every run has are metered here; those a config can switch off meter themselves when they run, so
+    # ``timings`` names exactly the stages that ran ("total" last, the whole sequence)
     with meter.stage("total"):
         with meter.stage("load_model"):
             loaded, plan = load_stage(spec, device, dtype)
