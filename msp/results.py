@@ -29,7 +29,7 @@ class RunResults:
     dtype: str
     timings: dict[str, float]  # the stage meter's seconds per stage, "total" last
     peak_memory_bytes: int
-    peak_memory_by_stage: dict[str, dict[str, int]]
+    peak_memory_by_stage: dict[str, dict[str, int]]  # per stage, and "total": the whole run (the meter's outer stage)
     streaming: dict
     eval_devices: list[str]
     true_sequential: bool
