@@ -15,22 +15,19 @@ from typing import Iterator
 
 import torch
 
+from msp.errors import MspError
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class DeviceError(ValueError):
+class DeviceError(MspError):
     """A device or dtype the user asked for cannot be used on this machine."""
 
 
 def cuda_available() -> bool:
     return torch.cuda.is_available()
-
-
-def cuda_initialized() -> bool:
-    """Whether this process has created a CUDA context (``import msp`` must not)."""
-    return bool(torch.cuda.is_initialized())
 
 
 def is_gpu(device: torch.device | str) -> bool:
@@ -60,6 +57,20 @@ def free_memory_bytes(device: torch.device) -> int | None:
         return None
     free, _total = torch.cuda.mem_get_info(device)
     return int(free)
+
+
+def to_device(obj, device: torch.device):
+    """``obj`` with every tensor in it (also inside tuples, lists and dicts, e.g. a block's keyword arguments)
+    moved to ``device``; anything else is returned as it is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
 
 
 def module_bytes(module: torch.nn.Module) -> int:

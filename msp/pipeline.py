@@ -5,9 +5,13 @@
 2. ``sequential_pass`` then visits each block in order: optionally collects per-Linear input statistics with
    hooks (always removed in ``finally``), hands them to a callback (which may prune the block's weights),
    and propagates the block's *current* (possibly pruned) outputs to the next block.
+3. ``batch_logits`` is the one forward of every evaluation (perplexity, the search's fitness): the model's own
+   forward when it is resident, or the blocks one at a time (``stream_blocks`` + ``head_from_hidden``) when the
+   run's :class:`msp.streaming.StreamingPlan` streams it.
 
-Only one block is on the compute device at a time; the stored activations live on ``store_device`` (the
-compute device when they fit, the CPU otherwise).
+Only one block is on the compute device at a time: every stage that moves a block there (pruning, OWL,
+perplexity, fitness, the streamed Fisher/Hessian) does it with :func:`block_on`, which always puts the block
+back. The stored activations live on ``store_device`` (the compute device when they fit, the CPU otherwise).
 """
 from __future__ import annotations
 
@@ -20,8 +24,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from msp.device import to_device
+from msp.errors import MspError
 from msp.models import block_linears, find_blocks
 from msp.pruners.stats import LayerStats, StatsUpdate, input_update
+from msp.streaming import StreamingPlan, is_streamed, resident_modules
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +37,20 @@ class _StopForward(Exception):
     pass
 
 
-def _to(obj, device: torch.device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
+class PipelineError(MspError):
+    """A model whose blocks the pipeline cannot run as configured; the message names the setting to change."""
+
+
+@contextmanager
+def block_on(block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """Inside the context, ``block`` sits on ``device``; on leaving (also after an exception) it goes back to the
+    device it came from (the CPU when the model is streamed; a no-op when the model is resident on ``device``)."""
+    home = next(block.parameters()).device
+    block.to(device)
+    try:
+        yield block
+    finally:
+        block.to(home)
 
 
 @dataclass
@@ -49,27 +60,13 @@ class BlockInputs:
     hidden: list[torch.Tensor] = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
 
-    @property
-    def tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
-
-
-def _non_block_modules(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
-    """Leaf-level modules outside the decoder blocks (embeddings, rotary, final norm, lm_head)."""
-    block_ids = {id(m) for b in blocks for m in b.modules()}
-    out = []
-    for m in model.modules():
-        if id(m) in block_ids or m is model:
-            continue
-        if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
-            out.append(m)
-    return out
-
 
 def move_non_block_modules(model: nn.Module, device: torch.device) -> None:
-    _, blocks = find_blocks(model)
-    for m in _non_block_modules(model, blocks):
-        m.to(device)
+    """Put what lies outside the decoder blocks (embeddings, rotary tables, final norm, lm_head) on ``device``;
+    only modules holding tensors of their own move, so the blocks stay where they are."""
+    for m in resident_modules(model):
+        if m is not model and (any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))):
+            m.to(device)
 
 
 @torch.no_grad()
@@ -88,7 +85,7 @@ def capture_block_inputs(
         kw.pop("past_key_value", None)
         kw["use_cache"] = False
         captured.hidden.append(hidden.detach().to(store_device))
-        captured.kwargs.append(_to(kw, store_device))
+        captured.kwargs.append(to_device(kw, store_device))
         raise _StopForward
 
     handle = blocks[0].register_forward_pre_hook(catcher, with_kwargs=True)
@@ -104,17 +101,21 @@ def capture_block_inputs(
     return captured
 
 
-def _block_output(out):
+def block_output(out):
+    """The hidden states a decoder block returns (the first element when it returns a tuple, as OPT's do)."""
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def block_forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
+    """``block``'s output hidden states for ``hidden`` and its stored keyword arguments, run on ``device``
+    (a tensor already there, e.g. one that requires grad, is used as it is)."""
+    return block_output(block(hidden.to(device), **to_device(kwargs, device)))
 
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, store_device: torch.device) -> list[torch.Tensor]:
-    outs = []
-    for hidden, kw in zip(inputs.hidden, inputs.kwargs):
-        out = _block_output(block(hidden.to(device), **_to(kw, device)))
-        outs.append(out.detach().to(store_device))
-    return outs
+    """The block's outputs for every stored batch, kept on ``store_device``."""
+    return [block_forward(block, hidden, kw, device).detach().to(store_device) for hidden, kw in zip(inputs.hidden, inputs.kwargs)]
 
 
 #: on_block(index, prefix, block, linears, stats) -> whether it changed the block's weights (None counts as True)
@@ -169,15 +170,14 @@ def inline_block_pass(
     try:
         for name, lin in linears.items():
             handles.append(lin.register_forward_pre_hook(make_hook(name)))
-        hidden, kw = inputs.hidden[0], inputs.kwargs[0]
-        out = _block_output(block(hidden.to(device), **_to(kw, device))).detach().to(store_device)
+        out = block_forward(block, inputs.hidden[0], inputs.kwargs[0], device).detach().to(store_device)
     finally:
         for h in handles:
             h.remove()
         shared.clear()
     skipped = [n for n in linears if n not in done]
     if skipped:
-        raise RuntimeError(f"the block's forward never called {', '.join(skipped)}; use true_sequential=false for this model")
+        raise PipelineError(f"the block's forward never called {', '.join(skipped)}; use true_sequential=false for this model")
     return [out]
 
 
@@ -221,9 +221,9 @@ def collect_block_stats(
             shared.clear()
             order.clear()
             try:
-                out = block(hidden.to(device), **_to(kw, device))
+                out = block_forward(block, hidden, kw, device)
                 if outputs is not None:
-                    outputs.append(_block_output(out).detach().to(store_device))
+                    outputs.append(out.detach().to(store_device))
             except _StopForward:
                 pass
             if b == 0 and not keep_outputs and len(order) == len(linears) == len(set(order)):
@@ -233,6 +233,37 @@ def collect_block_stats(
             h.remove()
         shared.clear()
     return stats, outputs
+
+
+def _calibrate_and_visit(
+    index: int,
+    prefix: str,
+    block: nn.Module,
+    inputs: BlockInputs | None,
+    on_block: BlockCallback,
+    *,
+    collect_stats: bool,
+    need_hessian: bool,
+    keep_dense: bool,
+    next_inputs: bool,
+    device: torch.device,
+    store_device: torch.device,
+) -> list[torch.Tensor] | None:
+    """One block of :func:`sequential_pass` (the block is on ``device``): statistics pass, ``on_block``, then the
+    next block's inputs when ``next_inputs`` (None otherwise)."""
+    linears = block_linears(block)
+    stats: dict[str, LayerStats] = {}
+    dense_outputs = None
+    if collect_stats and inputs is not None:
+        stats, dense_outputs = collect_block_stats(block, linears, inputs, device, store_device, need_hessian, keep_outputs=keep_dense)
+    changed = on_block(index, prefix, block, linears, stats)
+    del stats
+    if not next_inputs or inputs is None:
+        return None
+    if changed is False and dense_outputs is not None:
+        return dense_outputs  # the block is unchanged: its first run's outputs are the answer
+    del dense_outputs
+    return run_block(block, inputs, device, store_device)
 
 
 @torch.no_grad()
@@ -247,17 +278,15 @@ def sequential_pass(
     propagate: bool = True,
     batch_size: int = 4,
     store_device: torch.device | None = None,
-    offload_device: torch.device | None = None,
     desc: str = "blocks",
     modifies_blocks: bool = False,
     on_layer: LayerCallback | None = None,
 ) -> None:
-    """Visit every decoder block once, in order.
+    """Visit every decoder block once, in order, each on ``device`` only while it is visited (:func:`block_on`).
 
-    For block i: move it to ``device``; if ``collect_stats``, run the stored inputs through it with hooks on
-    its Linear layers accumulating :class:`LayerStats`; call ``on_block(i, prefix, block, linears, stats)``;
-    if ``propagate``, run the (now possibly modified) block again to produce the next block's inputs; move
-    the block back to ``offload_device`` (its original device by default).
+    For block i: if ``collect_stats``, run the stored inputs through it with hooks on its Linear layers
+    accumulating :class:`LayerStats`; call ``on_block(i, prefix, block, linears, stats)``; if ``propagate``, run
+    the (now possibly modified) block again to produce the next block's inputs.
 
     ``modifies_blocks=True`` promises that ``on_block`` changes every block (pruning), so the statistics pass
     need not keep the block's dense outputs and stops after its last Linear layer's input (see
@@ -277,39 +306,23 @@ def sequential_pass(
     inputs = capture_block_inputs(model, input_ids, batch_size, device, store_device) if (collect_stats or propagate) else None
     bar = tqdm(range(len(blocks)), desc=desc, unit="block", leave=False)
     for i in bar:
-        block = blocks[i]
-        home = offload_device or next(block.parameters()).device
-        block.to(device)
-        linears = block_linears(block)
-        stats: dict[str, LayerStats] = {}
-        dense_outputs = None
-        last = i + 1 == len(blocks)
-        if inline and inputs is not None:
-            bar.set_description(f"{desc} {i + 1}/{len(blocks)}: pruning inline")
-            outputs = inline_block_pass(
-                block, linears, inputs, device, store_device, need_hessian,
-                lambda local, lin, st, _i=i: on_layer(_i, prefix, local, lin, st),
-            )
-            on_block(i, prefix, block, linears, {})
-            if propagate and not last:
+        next_inputs = propagate and i + 1 < len(blocks)
+        with block_on(blocks[i], device) as block:
+            if inline and inputs is not None:
+                bar.set_description(f"{desc} {i + 1}/{len(blocks)}: pruning inline")
+                linears = block_linears(block)
+                outputs = inline_block_pass(block, linears, inputs, device, store_device, need_hessian,
+                                            lambda local, lin, st, _i=i: on_layer(_i, prefix, local, lin, st))
+                on_block(i, prefix, block, linears, {})
+                outputs = outputs if next_inputs else None
+            else:
+                bar.set_description(f"{desc} {i + 1}/{len(blocks)}: {'calibrating' if collect_stats else 'processing'}")
+                outputs = _calibrate_and_visit(i, prefix, block, inputs, on_block, collect_stats=collect_stats,
+                                               need_hessian=need_hessian, keep_dense=next_inputs and not modifies_blocks,
+                                               next_inputs=next_inputs, device=device, store_device=store_device)
+            if outputs is not None:
                 inputs.hidden = outputs
             del outputs
-            block.to(home)
-            continue
-        if collect_stats and inputs is not None:
-            bar.set_description(f"{desc} {i + 1}/{len(blocks)}: calibrating")
-            keep = propagate and not last and not modifies_blocks
-            stats, dense_outputs = collect_block_stats(block, linears, inputs, device, store_device, need_hessian, keep_outputs=keep)
-        bar.set_description(f"{desc} {i + 1}/{len(blocks)}: processing")
-        changed = on_block(i, prefix, block, linears, stats)
-        del stats
-        if propagate and inputs is not None and not last:
-            if changed is False and dense_outputs is not None:
-                inputs.hidden = dense_outputs  # the block is unchanged: its first run's outputs are the answer
-            else:
-                inputs.hidden = run_block(block, inputs, device, store_device)
-        del dense_outputs
-        block.to(home)
     bar.close()
 
 
@@ -335,27 +348,24 @@ def stream_blocks(
     keep_all: bool = False,
     desc: str = "streaming blocks",
 ) -> StreamedHidden:
-    """Run ``input_ids`` through every decoder block, one block at a time on ``device``; each block goes back
-    to where it was (the CPU when the model is streamed). Activations between blocks live on ``store_device``.
-    With ``keep_all`` the input of every block is kept (for a block-by-block backward)."""
+    """Run ``input_ids`` through every decoder block, one block at a time on ``device`` (:func:`block_on`).
+    Activations between blocks live on ``store_device``. With ``keep_all`` the input of every block is kept
+    (for a block-by-block backward)."""
     _, blocks = find_blocks(model)
     store_device = store_device or device
     state = capture_block_inputs(model, input_ids, batch_size, device, store_device)
     kept: list[list[torch.Tensor]] = []
     tuple_out = False
     for i in tqdm(range(len(blocks)), desc=desc, unit="block", leave=False):
-        block = blocks[i]
-        home = next(block.parameters()).device
-        block.to(device)
-        if keep_all:
-            kept.append(state.hidden)
-        outs = []
-        for hidden, kw in zip(state.hidden, state.kwargs):
-            raw = block(hidden.to(device), **_to(kw, device))
-            tuple_out = isinstance(raw, (tuple, list))
-            outs.append(_block_output(raw).detach().to(store_device))
-        state.hidden = outs
-        block.to(home)
+        with block_on(blocks[i], device) as block:
+            if keep_all:
+                kept.append(state.hidden)
+            outs = []
+            for hidden, kw in zip(state.hidden, state.kwargs):
+                raw = block(hidden.to(device), **to_device(kw, device))
+                tuple_out = isinstance(raw, (tuple, list))
+                outs.append(block_output(raw).detach().to(store_device))
+            state.hidden = outs
     return StreamedHidden(state, kept, tuple_out)
 
 
@@ -408,20 +418,47 @@ def head_from_hidden(model: nn.Module, tuple_out: bool) -> Iterator[Callable[[to
             blocks[i] = b
 
 
+def window_passes(windows: torch.Tensor, windows_per_pass: int | None, batch_size: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
+    """(``"first-last/total"`` label, windows) per streamed pass: ``windows_per_pass`` windows each (all at once
+    when None), rounded down to whole batches of ``batch_size`` so that passes never split a batch."""
+    total = windows.shape[0]
+    per_pass = int(windows_per_pass or total)
+    if per_pass < 1:
+        raise ValueError(f"windows_per_pass={windows_per_pass}: need at least 1")
+    per_pass = max(batch_size, per_pass - per_pass % batch_size)
+    for start in range(0, total, per_pass):
+        chunk = windows[start : start + per_pass]
+        yield f"{start + 1}-{start + chunk.shape[0]}/{total}", chunk
+
+
 @torch.no_grad()
-def streamed_logits(
+def batch_logits(
     model: nn.Module,
     windows: torch.Tensor,
     device: torch.device,
     *,
+    plan: StreamingPlan | None = None,
     batch_size: int = 1,
-    store_device: torch.device | None = None,
-    desc: str = "streaming blocks",
+    desc: str | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(token ids on ``device``, logits) per batch of ``windows``, the blocks visiting ``device`` one at a time
-    (:func:`stream_blocks`) and the head applied per batch (:func:`head_from_hidden`)."""
-    streamed = stream_blocks(model, windows, device, batch_size=batch_size, store_device=store_device, desc=desc)
-    with head_from_hidden(model, streamed.tuple_out) as logits_fn:
-        for b, hidden in enumerate(streamed.final.hidden):
-            batch = windows[b * batch_size : (b + 1) * batch_size].to(device)
-            yield batch, logits_fn(batch, hidden.to(device))
+    """(token ids on ``device``, logits) for every batch of ``batch_size`` consecutive ``windows`` (n, seqlen), in order.
+
+    Resident (no ``plan``, or one that does not stream): the model's own forward, the model already on ``device``.
+    Streamed (``plan.stream``): in passes of ``plan.windows_per_pass`` windows, the blocks visit ``device`` one at a
+    time (:func:`stream_blocks`, activations on ``plan.store``) and the head runs per batch
+    (:func:`head_from_hidden`). Both give the same logits batch for batch (tests/test_streaming.py). Runs under
+    ``torch.no_grad`` (inside the caller's ``inference_mode`` where it has one).
+    """
+    if not is_streamed(plan):
+        starts = range(0, windows.shape[0], batch_size)
+        for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
+            batch = windows[start : start + batch_size].to(device)
+            yield batch, model(input_ids=batch, use_cache=False).logits
+        return
+    for span, chunk in window_passes(windows, plan.windows_per_pass, batch_size):
+        streamed = stream_blocks(model, chunk, device, batch_size=batch_size, store_device=plan.store,
+                                 desc=f"{desc or 'streaming blocks'}: windows {span}")
+        with head_from_hidden(model, streamed.tuple_out) as logits_fn:
+            for b, hidden in enumerate(streamed.final.hidden):
+                batch = chunk[b * batch_size : (b + 1) * batch_size].to(device)
+                yield batch, logits_fn(batch, hidden.to(device))

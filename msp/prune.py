@@ -12,12 +12,17 @@ import torch
 from torch import nn
 
 from msp.allocation import Allocation
+from msp.errors import MspError
 from msp.masks import Pattern, PatternError
 from msp.models import prunable_layers
 from msp.pipeline import sequential_pass
 from msp.pruners import Pruner
 
 log = logging.getLogger(__name__)
+
+
+class PruneError(MspError):
+    """The model cannot be pruned as asked (an allocation missing layers, a pruner without its calibration data)."""
 
 
 @dataclass
@@ -36,6 +41,17 @@ def check_pattern_fits(model: nn.Module, pattern: Pattern) -> None:
     """Fail before any heavy work if an N:M pattern does not divide some layer."""
     for name, lin in prunable_layers(model).items():
         pattern.check_divides(name, lin.in_features)
+
+
+def _check_inputs(model: nn.Module, pruner: Pruner, allocation: Allocation, calibration_ids: torch.Tensor | None,
+                  pattern: Pattern) -> None:
+    """Fail before any heavy work: a pattern that does not divide a layer, a layer without a sparsity, no data."""
+    check_pattern_fits(model, pattern)
+    missing = [n for n in prunable_layers(model) if n not in allocation.sparsities]
+    if missing:
+        raise PruneError(f"allocation has no sparsity for {len(missing)} layer(s), e.g. {missing[0]}")
+    if pruner.needs_calibration and (calibration_ids is None or calibration_ids.numel() == 0):
+        raise PruneError(f"pruner {pruner.name} needs calibration data but none was given (data.nsamples >= 1)")
 
 
 @torch.no_grad()
@@ -60,11 +76,7 @@ def prune_(
     Returns one :class:`LayerReport` per layer with the measured sparsity.
     """
     pattern = Pattern.parse(pattern)
-    check_pattern_fits(model, pattern)
-    layers = prunable_layers(model)
-    missing = [n for n in layers if n not in allocation.sparsities]
-    if missing:
-        raise ValueError(f"allocation has no sparsity for {len(missing)} layer(s), e.g. {missing[0]}")
+    _check_inputs(model, pruner, allocation, calibration_ids, pattern)
     # non-zero counts stay on the device until the pass ends: no host round trip inside the per-layer loop
     pending: list[tuple[str, int, float, str, torch.Tensor]] = []
 
@@ -85,22 +97,12 @@ def prune_(
         return True  # its layers were pruned inside the forward
 
     needs_data = pruner.needs_calibration
-    if needs_data and (calibration_ids is None or calibration_ids.numel() == 0):
-        raise ValueError(f"pruner {pruner.name} needs calibration data but none was given (data.nsamples >= 1)")
     inline = bool(true_sequential) and needs_data
     sequential_pass(
-        model,
-        calibration_ids if needs_data else torch.empty(0, 1, dtype=torch.long),
-        device,
-        after_inline_block if inline else on_block,
-        collect_stats=needs_data,
-        need_hessian=pruner.needs_hessian,
-        propagate=needs_data,
-        batch_size=batch_size,
-        store_device=store_device,
-        desc=f"pruning ({pruner.name})",
-        modifies_blocks=True,
-        on_layer=prune_layer if inline else None,
+        model, calibration_ids if needs_data else torch.empty(0, 1, dtype=torch.long), device,
+        after_inline_block if inline else on_block, collect_stats=needs_data, need_hessian=pruner.needs_hessian,
+        propagate=needs_data, batch_size=batch_size, store_device=store_device, desc=f"pruning ({pruner.name})",
+        modifies_blocks=True, on_layer=prune_layer if inline else None,
     )
     return [LayerReport(name, params, target, 1.0 - int(nonzero) / params, pat) for name, params, target, pat, nonzero in pending]
 
@@ -110,4 +112,4 @@ def weighted_sparsity(reports: list[LayerReport]) -> float:
     return sum(r.measured * r.params for r in reports) / total if total else 0.0
 
 
-__all__ = ["prune_", "LayerReport", "weighted_sparsity", "check_pattern_fits", "PatternError"]
+__all__ = ["prune_", "LayerReport", "PruneError", "weighted_sparsity", "check_pattern_fits", "PatternError"]

@@ -22,7 +22,7 @@ from msp.allocation.build import Allocated, AllocationContext, build_allocation,
 from msp.cache import DiskCache, cache_key
 from msp.device import StageMeter, is_gpu, resolve_device, resolve_devices, resolve_dtype
 from msp.errors import MspError
-from msp.eval.perplexity import perplexity, streamed_perplexity
+from msp.eval.perplexity import perplexity
 from msp.io import write_json_atomic
 from msp.masks import Pattern
 from msp.models import LoadedModel, load_model, prunable_layers, save_pruned_model
@@ -225,12 +225,8 @@ def load_stage(spec: RunSpec, device: torch.device, dtype: torch.dtype) -> tuple
 
 
 def make_evaluator(spec: RunSpec, model: torch.nn.Module, device: torch.device, plan: StreamingPlan) -> Evaluator:
-    eval_bs = int(spec.eval.get("batch_size", 1))
-    if plan.stream:
-        ppl_fn = partial(streamed_perplexity, store_device=plan.store, windows_per_pass=max(int(spec.data["nsamples"]), eval_bs))
-    else:
-        ppl_fn = perplexity
-    return Evaluator(model, ppl_fn, device, resolve_devices(spec.eval.get("devices")), eval_bs)
+    ppl_fn = partial(perplexity, plan=plan)  # streamed or resident, as the plan says
+    return Evaluator(model, ppl_fn, device, resolve_devices(spec.eval.get("devices")), int(spec.eval.get("batch_size", 1)))
 
 
 def data_stage(spec: RunSpec, loaded: LoadedModel, cache: DiskCache, model_key: dict) -> RunData:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from msp.device import dtype_bytes, free_memory_bytes, is_gpu
+from msp.errors import MspError
 from msp.models import block_linears, find_blocks
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def fmt_bytes(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
-class StreamingError(ValueError):
+class StreamingError(MspError):
     """The model (or one block of it) cannot fit the device budget; the message names the fix."""
 
 
@@ -50,6 +51,9 @@ class StreamingPlan:
     block_work_bytes: int  # activations and statistics of one block for one batch
     activation_bytes: int  # calibration activations stored between blocks
     reason: str
+    #: the most windows whose activations a streamed pass holds between blocks (the ``nsamples`` the activation
+    #: estimate was made for); a streamed forward over more windows runs in passes of this many
+    windows_per_pass: int = 128
 
     @property
     def store(self) -> torch.device:
@@ -57,6 +61,11 @@ class StreamingPlan:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def is_streamed(plan: StreamingPlan | None) -> bool:
+    """Whether a stage runs its blocks one at a time (``plan.stream``); no plan means the model is resident."""
+    return plan is not None and plan.stream
 
 
 def parse_mode(mode: str | bool) -> str:
@@ -115,6 +124,31 @@ def block_work_bytes(
     return acts + scores + stats + logits
 
 
+def _budget_bytes(device: torch.device, budget_gb: float | None) -> int | None:
+    """``gpu_budget_gb`` in bytes when given, else the GPU's free memory, else None (CPU: unlimited)."""
+    if budget_gb is None:
+        return free_memory_bytes(device)
+    if float(budget_gb) <= 0:
+        raise StreamingError(f"gpu_budget_gb={budget_gb} must be positive (GiB), e.g. gpu_budget_gb=70, or null for the GPU's free memory")
+    return int(float(budget_gb) * GiB)
+
+
+def _decide(mode: str, budget: int | None, whole: int, where: str, model_bytes: int) -> tuple[bool, str]:
+    """(stream, reason) for ``streaming=mode`` when the whole run needs ``whole`` bytes."""
+    if mode == "false":
+        if budget is not None and whole > budget:
+            raise StreamingError(
+                f"the model needs ~{fmt_bytes(whole)} on {where} ({fmt_bytes(model_bytes)} of weights); "
+                "use streaming=auto to stream one decoder block at a time"
+            )
+        return False, "streaming=false"
+    if mode == "auto":
+        stream = budget is not None and whole > budget
+        return stream, (f"the model needs ~{fmt_bytes(whole)}, more than the budget" if stream
+                        else "the whole model fits" if budget is not None else "no device budget (CPU)")
+    return True, "streaming=true"
+
+
 def plan_streaming(
     model: nn.Module,
     device: torch.device,
@@ -131,12 +165,7 @@ def plan_streaming(
     Called after the weights are loaded on the CPU and before anything moves to the device or runs.
     """
     mode = parse_mode(mode)
-    if budget_gb is not None:
-        if float(budget_gb) <= 0:
-            raise StreamingError(f"gpu_budget_gb={budget_gb} must be positive (GiB), e.g. gpu_budget_gb=70, or null for the GPU's free memory")
-        budget: int | None = int(float(budget_gb) * GiB)
-    else:
-        budget = free_memory_bytes(device)
+    budget = _budget_bytes(device, budget_gb)
     _, blocks = find_blocks(model)
     params = list(model.parameters())
     act = dtype_bytes(params[0].dtype) if params else 4
@@ -152,34 +181,20 @@ def plan_streaming(
     one_block = resident + block + work
     whole = model_bytes + work + acts
     where = f"{device}" + (f" (budget {fmt_bytes(budget)})" if budget is not None else "")
-
-    def sizes() -> str:
-        return (f"weights {fmt_bytes(block)} + activations {fmt_bytes(work)} at batch_size={batch_size}, "
-                f"data.seqlen={seqlen} + embeddings/head {fmt_bytes(resident)}")
-
-    if mode == "false":
-        if budget is not None and whole > budget:
-            raise StreamingError(
-                f"the model needs ~{fmt_bytes(whole)} on {where} ({fmt_bytes(model_bytes)} of weights); "
-                "use streaming=auto to stream one decoder block at a time"
-            )
-        stream, reason = False, "streaming=false"
-    elif mode == "auto":
-        stream = budget is not None and whole > budget
-        reason = (f"the model needs ~{fmt_bytes(whole)}, more than the budget" if stream
-                  else "the whole model fits" if budget is not None else "no device budget (CPU)")
-    else:
-        stream, reason = True, "streaming=true"
+    stream, reason = _decide(mode, budget, whole, where, model_bytes)
     if stream and budget is not None and one_block > budget:
         raise StreamingError(
-            f"one decoder block needs ~{fmt_bytes(one_block)} on {device} ({sizes()}) but the budget is "
-            f"{fmt_bytes(budget)}; lower batch_size (e.g. batch_size=1) or data.seqlen, raise gpu_budget_gb, or use a larger GPU"
+            f"one decoder block needs ~{fmt_bytes(one_block)} on {device} (weights {fmt_bytes(block)} + activations "
+            f"{fmt_bytes(work)} at batch_size={batch_size}, data.seqlen={seqlen} + embeddings/head {fmt_bytes(resident)}) "
+            f"but the budget is {fmt_bytes(budget)}; lower batch_size (e.g. batch_size=1) or data.seqlen, raise "
+            "gpu_budget_gb, or use a larger GPU"
         )
     on_device = budget is None or (one_block + acts <= budget if stream else whole <= budget)
     store = device if on_device or not is_gpu(device) else torch.device("cpu")
     plan = StreamingPlan(
         stream=stream, device=str(device), store_device=str(store), budget_bytes=budget, model_bytes=model_bytes,
         resident_bytes=resident, block_bytes=block, block_work_bytes=work, activation_bytes=acts, reason=reason,
+        windows_per_pass=max(1, int(nsamples)),
     )
     if stream:
         log.info(

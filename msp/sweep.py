@@ -55,6 +55,15 @@ def _drop_unused_zeroshot_options(tree: dict) -> None:
         del node[key]
 
 
+def _drop_unset_survivors(tree: dict) -> None:
+    """The search's last stage has no survivors: the schema (msp.search.settings.StageConfig) writes
+    ``survivors: null`` where the earlier YAML wrote nothing."""
+    stages = (tree.get("allocation") or {}).get("stages") if isinstance(tree.get("allocation"), dict) else None
+    for stage in stages if isinstance(stages, list) else []:
+        if isinstance(stage, dict) and "survivors" in stage and stage["survivors"] is None:
+            del stage["survivors"]
+
+
 def config_hash(config: dict) -> str:
     """sha256 (first 16 hex digits) of the resolved config as canonical JSON, minus :data:`OUTPUT_ONLY_KEYS`."""
     tree = json.loads(json.dumps(config, default=str))
@@ -65,6 +74,7 @@ def config_hash(config: dict) -> str:
     if generations not in (None, "???") and isinstance(tree.get("allocation"), dict):
         tree["allocation"].setdefault("generations", generations)
     _drop_unused_zeroshot_options(tree)
+    _drop_unset_survivors(tree)
     for key, neutral in NEUTRAL_DEFAULTS.items():
         *parents, leaf = key.split(".")
         node: Any = tree

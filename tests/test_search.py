@@ -16,7 +16,7 @@ from msp.masks import Pattern, mask_from_scores
 from msp.models import build_tiny_model, prunable_layers
 from msp.pipeline import sequential_pass
 from msp.pruners import MagnitudePruner, SparseGPTPruner, WandaPruner
-from msp.search.allocator import STATE_FILE, build_grid, search_units
+from msp.search.allocator import STATE_FILE, search_units
 from msp.search.evolution import (
     Evolution,
     EvolutionConfig,
@@ -28,6 +28,7 @@ from msp.search.evolution import (
     repair,
     snap,
 )
+from msp.search.grid import build_grid
 from msp.search.fitness import (
     CandidateModel,
     ModelFitness,
@@ -115,7 +116,7 @@ def test_search_finds_the_optimum_of_a_separable_fitness():
         return exact if stage == 1 else exact + 0.5 * math.sin(7.0 * g[0] + g[1])  # a noisy cheap stage
 
     start = np.zeros(len(t), np.int64)
-    result = Evolution(space, fitness, EvolutionConfig(generations=150, survivors=(3,), seed=0)).run([start])
+    result = Evolution(space, EvolutionConfig(generations=150, survivors=(3,), seed=0)).run(fitness, [start])
     assert result.initial_fitness == pytest.approx(float(np.sum(c * t**2)))
     assert result.best.tolist() == t.tolist()
     assert result.best_fitness == 0.0
@@ -132,7 +133,7 @@ def test_resume_after_an_interruption_gives_the_same_result(tmp_path):
     cfg = EvolutionConfig(generations=25, population=3, offspring=5, survivors=(2,), crossover=0.5, seed=7)
     fitness = lambda g, s: float(np.sum(c * np.abs(g - t) ** 1.5)) + 0.1 * s  # noqa: E731
     start = [np.zeros(len(t), np.int64)]
-    full = Evolution(space, fitness, cfg, checkpoint=tmp_path / "full.json").run(start)
+    full = Evolution(space, cfg, checkpoint=tmp_path / "full.json").run(fitness, start)
 
     calls = {"n": 0}
 
@@ -144,10 +145,10 @@ def test_resume_after_an_interruption_gives_the_same_result(tmp_path):
 
     path = tmp_path / "killed.json"
     with pytest.raises(_Killed):
-        Evolution(space, dying, cfg, checkpoint=path).run(start)
+        Evolution(space, cfg, checkpoint=path).run(dying, start)
     stopped_at = SearchState.load(path).generation
     assert 0 < stopped_at < cfg.generations
-    resumed = Evolution(space, fitness, cfg, checkpoint=path).run(lambda: pytest.fail("resume must not rebuild the population"), resume=True)
+    resumed = Evolution(space, cfg, checkpoint=path).run(fitness, lambda: pytest.fail("resume must not rebuild the population"), resume=True)
     assert resumed.resumed_from == stopped_at
     assert resumed.best.tolist() == full.best.tolist()
     assert [g.tolist() for g in resumed.population] == [g.tolist() for g in full.population]
@@ -158,10 +159,10 @@ def test_checkpoint_from_another_configuration_is_refused(tmp_path):
     space, t, c = _separable()
     fitness = lambda g, s: float(np.sum(c * (g - t) ** 2))  # noqa: E731
     path = tmp_path / "state.json"
-    Evolution(space, fitness, EvolutionConfig(generations=2, offspring=4), checkpoint=path).run([np.zeros(len(t), np.int64)])
-    other = Evolution(space, fitness, EvolutionConfig(generations=2, offspring=6), checkpoint=path)
+    Evolution(space, EvolutionConfig(generations=2, offspring=4), checkpoint=path).run(fitness, [np.zeros(len(t), np.int64)])
+    other = Evolution(space, EvolutionConfig(generations=2, offspring=6), checkpoint=path)
     with pytest.raises(SearchError, match=r"differs in: config\.offspring.*allocation\.resume=true"):
-        other.run([np.zeros(len(t), np.int64)], resume=True)
+        other.run(fitness, [np.zeros(len(t), np.int64)], resume=True)
 
 
 def test_bad_search_settings_are_clear():
@@ -362,9 +363,15 @@ def test_search_lowers_the_fitness_on_tiny_llama_and_restores_the_dense_weights(
     assert len(set(alloc.sparsities.values())) > 1
     assert all(torch.equal(ctx.layers[n].weight, dense[n]) for n in dense)
     assert (tmp_path / STATE_FILE).exists()
+    assert list(report) == [  # results.json["search"]: these keys, in this order
+        "generations", "evaluations", "fitness", "history", "initial_fitness", "best_fitness", "start_fitness", "init",
+        "granularity", "units", "initial_units", "grid", "candidates", "stage_tokens", "resumed_from", "layer_swaps",
+        "wall_seconds", "cpu_seconds", "variant_windows", "checkpoint",
+    ]
+    assert report["start_fitness"] == {"uniform": report["initial_fitness"]}
 
 
-def test_allocator_resume_continues_to_the_same_allocation(tmp_path):
+def test_allocator_resume_continues_to_the_same_allocation(tmp_path, monkeypatch):
     fresh = build_allocation(_ctx(tmp_path / "fresh"), {**SMALL, "generations": 4}).allocation
     # a run stopped after 2 generations has exactly this checkpoint (generations does not change the dynamics)
     build_allocation(_ctx(tmp_path / "killed"), {**SMALL, "generations": 2})
@@ -375,6 +382,7 @@ def test_allocator_resume_continues_to_the_same_allocation(tmp_path):
     assert resumed.sparsities == fresh.sparsities
     # from another run dir, and a checkpoint of another configuration fails before any heavy work
     other = _ctx(tmp_path / "elsewhere", target=0.6)
+    monkeypatch.setattr("msp.search.allocator.precompute_variants", lambda *a, **k: pytest.fail("the variant pass ran"))
     with pytest.raises(AllocationError, match=r"differs in: .*target"):
         build_allocation(other, {**SMALL, "generations": 4, "resume": True, "resume_from": str(tmp_path / "killed")})
 

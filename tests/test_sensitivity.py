@@ -9,12 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from msp.allocation.build import AllocationContext
 from msp.cache import DiskCache
-from msp.masks import Pattern
 from msp.models import build_tiny_model, prunable_layers
 from msp.pruners.wanda import wanda_scores
-from msp.sensitivity import compute_sensitivity, per_block
+from msp.sensitivity import compute_sensitivity
 from msp.sensitivity.fisher import fisher_trace
 from msp.sensitivity.hessian import hessian_trace, hutchinson_trace
 from msp.sensitivity.owl import outlier_ratio, owl_outlier_ratios
@@ -217,41 +215,45 @@ def test_owl_ratios_match_a_full_forward_reference():
     assert 0 < got[0] < 1
 
 
-def _ctx(model, windows, cache, tmp_path=None) -> AllocationContext:
-    return AllocationContext(
-        model=model, layers=prunable_layers(model), target=0.5, pattern=Pattern.parse("unstructured"), device=CPU,
-        calibration_ids=windows, seqlen=windows.shape[1], seed=0, cache=cache,
-        cache_fields={"model": "tiny-llama", "data": "random", "nsamples": windows.shape[0], "seqlen": windows.shape[1], "seed": 0},
-        run_dir=tmp_path, batch_size=2,
-    )
+def _compute(model, windows, cache, method, options):
+    fields = {"model": "tiny-llama", "data": "random", "nsamples": windows.shape[0], "seqlen": windows.shape[1], "seed": 0}
+    return compute_sensitivity(model, prunable_layers(model), windows, method, options, device=CPU, seed=0, batch_size=2,
+                               cache=cache, cache_fields=fields)
 
 
 def test_compute_sensitivity_caches_and_records(tmp_path):
     model = build_tiny_model("tiny-llama").model
     windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
     cache = DiskCache(tmp_path / "cache")
-    ctx = _ctx(model, windows, cache, tmp_path)
-    report = compute_sensitivity(ctx, "fisher", {"normalize": False})
+    report = _compute(model, windows, cache, "fisher", {"normalize": False})
     first = report.values
     assert cache.misses == 1 and cache.hits == 0
     assert report.method == "fisher" and report.seconds >= 0 and report.to_json()["layers"] == first
-    assert not (tmp_path / "sensitivity.json").exists()  # a pure stage: the run writes the file, not the computation
     # the normalised variant reuses the cached raw traces
-    normed = compute_sensitivity(_ctx(model, windows, cache), "fisher", {"normalize": True}).values
+    normed = _compute(model, windows, cache, "fisher", {"normalize": True}).values
     assert cache.hits == 1 and cache.misses == 1
     for n, lin in prunable_layers(model).items():
         assert normed[n] == pytest.approx(first[n] / lin.weight.numel())
     # fewer windows is another entry
-    compute_sensitivity(_ctx(model, windows, cache), "fisher", {"nsamples": 1})
+    _compute(model, windows, cache, "fisher", {"nsamples": 1})
     assert cache.misses == 2
     # owl: one value per block, shared by its layers
-    owl = compute_sensitivity(_ctx(model, windows, cache), "owl", {"M": 5}).values
+    owl = _compute(model, windows, cache, "owl", {"M": 5}).values
     assert len({v for n, v in owl.items() if ".layers.0." in n}) == 1
     with pytest.raises(ValueError, match="valid: fisher, hessian, owl"):
-        compute_sensitivity(ctx, "taylor", {})
+        _compute(model, windows, cache, "taylor", {})
 
 
-def test_per_block_sums_and_weighted_means():
-    sens = {"m.layers.0.a": 1.0, "m.layers.0.b": 3.0, "m.layers.1.a": 2.0}
-    assert per_block(sens, "m.layers") == {0: 4.0, 1: 2.0}
-    assert per_block(sens, "m.layers", {"m.layers.0.a": 3, "m.layers.0.b": 1, "m.layers.1.a": 5}) == {0: 1.5, 1: 2.0}
+def test_a_cache_entry_missing_layers_is_one_clear_error(tmp_path):
+    """A stale entry (here: written for a subset of the layers) names the fix instead of failing with a KeyError."""
+    from msp.sensitivity import SensitivityError
+
+    model = build_tiny_model("tiny-llama").model
+    windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    cache = DiskCache(tmp_path / "cache")
+    report = _compute(model, windows, cache, "fisher", {})
+    for path in (tmp_path / "cache").glob("*.pt"):
+        torch.save({n: v for n, v in list(report.values.items())[:3]}, path)
+    with pytest.raises(SensitivityError, match="lacks 11 layer.*use_cache=false"):
+        _compute(model, windows, cache, "fisher", {})
+

@@ -140,7 +140,8 @@ def _sensitivity_allocator(ctx: AllocationContext, options: dict, method: str, s
     bounds = bounds_from(options, ctx.target)
     unit_params, layer_unit = units_of(ctx, granularity)
     sens_options = _sensitivity_options(options)
-    report = compute_sensitivity(ctx, signal, sens_options)
+    report = compute_sensitivity(ctx.model, ctx.layers, ctx.calibration_ids, signal, sens_options, device=ctx.device, plan=ctx.plan,
+                                 seed=ctx.seed, batch_size=ctx.batch_size, cache=ctx.cache, cache_fields=ctx.cache_fields)
     sens = report.values
     normalized = signal == "owl" or bool(sens_options.get("normalize", True))
     unit_sens = unit_sensitivity(sens, layer_unit, ctx.params, normalized)

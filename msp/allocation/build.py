@@ -71,16 +71,6 @@ class UnknownAllocatorError(AllocationError):
     """``allocation.method`` names no allocator of :data:`msp.allocation.registry.ALLOCATORS`."""
 
 
-def register(name: str) -> Callable[[Allocator], Allocator]:
-    """Compatibility no-op for ``msp.search.allocator`` until the search branch drops its ``@register("msp")``:
-    the table :data:`msp.allocation.registry.ALLOCATORS` names every allocator; this decorator records nothing."""
-    return lambda fn: fn
-
-
-#: compatibility only (see :func:`register`): written by ``msp.search.allocator`` on import, read by nothing
-OPTION_CHECKS: dict[str, Callable] = {}
-
-
 def allocator_entry(method: str) -> AllocatorEntry:
     """The registry entry of ``method``, or an :class:`UnknownAllocatorError` listing the valid names."""
     entry = ALLOCATORS.get(str(method))

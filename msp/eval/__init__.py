@@ -1,3 +1,3 @@
-from msp.eval.perplexity import perplexity, streamed_perplexity, window_nll
+from msp.eval.perplexity import perplexity
 
-__all__ = ["perplexity", "streamed_perplexity", "window_nll"]
+__all__ = ["perplexity"]

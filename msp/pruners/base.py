@@ -1,12 +1,18 @@
 """The one small interface every pruner implements.
 
 A pruner turns (weight, input statistics, sparsity, pattern) into a new dense weight with zeros. It never
-chooses its own sparsity: the allocation does. Score-based pruners also expose ``scores`` so that the
-evolutionary search can build a mask at any level by thresholding one ranking, without re-pruning.
+chooses its own sparsity: the allocation does. Two optional capabilities are declared here, so that callers
+(the evolutionary search) ask the interface instead of probing the class:
+
+* ``score_based``: the mask is the top of a fixed per-weight score (:class:`ScorePruner`: magnitude, Wanda),
+  so the search builds a mask at any level by thresholding one ranking of ``scores``, without re-pruning;
+* ``prune_weight_levels``: the pruned weight at several sparsities; one ``prune_weight`` per level unless a
+  pruner shares work between levels (SparseGPT: one stacked sweep).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -20,9 +26,8 @@ class Pruner(ABC):
     needs_hessian: bool = False
     #: does the pruner use calibration data at all?
     needs_calibration: bool = True
-
-    def new_stats(self, in_features: int) -> LayerStats:
-        return LayerStats(in_features=in_features, need_hessian=self.needs_hessian)
+    #: is the mask the top of ``scores`` (then any level's mask is a threshold of one ranking)?
+    score_based: bool = False
 
     @abstractmethod
     def prune_weight(
@@ -30,9 +35,12 @@ class Pruner(ABC):
     ) -> torch.Tensor:
         """Return the pruned weight (same shape, dtype and device as ``weight``), dense with zeros."""
 
-    def scores(self, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor | None:
-        """Importance of every weight (higher = keep), or None when the pruner is not score-based."""
-        return None
+    def prune_weight_levels(
+        self, weight: torch.Tensor, stats: LayerStats | None, sparsities: Sequence[float], pattern: Pattern
+    ) -> Iterable[torch.Tensor]:
+        """The pruned weight at each of ``sparsities``, in order (the search's variant store). The default
+        prunes one level at a time, lazily, so only one pruned copy is alive while the caller stores it."""
+        return (self.prune_weight(weight, stats, s, pattern) for s in sparsities)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -40,6 +48,12 @@ class Pruner(ABC):
 
 class ScorePruner(Pruner):
     """A pruner whose mask is the top of a fixed per-weight score (magnitude, Wanda)."""
+
+    score_based = True
+
+    @abstractmethod
+    def scores(self, weight: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
+        """Importance of every weight (higher = keep), same shape as ``weight``, float32."""
 
     def prune_weight(self, weight, stats, sparsity, pattern):
         mask = mask_from_scores(self.scores(weight, stats), sparsity, pattern)

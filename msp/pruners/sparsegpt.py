@@ -15,7 +15,6 @@ import torch
 
 from msp.masks import Pattern, lowest_k_mask
 from msp.pruners.base import Pruner
-from msp.pruners.stats import LayerStats
 
 
 def minmax_quant_params(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -202,7 +201,8 @@ class SparseGPTPruner(Pruner):
         )
 
     def prune_weight_levels(self, weight, stats, sparsities, pattern):
-        """Every level of the search's variant store in one shared sweep (see :func:`sparsegpt_prune_levels`)."""
+        """Every level of the search's variant store in one shared sweep (:func:`sparsegpt_prune_levels`) instead
+        of the base class's one ``prune_weight`` per level: the factorisation and the column loop are shared."""
         if stats is None or stats.hessian is None:
             raise ValueError("SparseGPT needs the input Hessian XᵀX; no calibration statistics were collected")
         return sparsegpt_prune_levels(

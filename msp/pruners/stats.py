@@ -37,13 +37,6 @@ class LayerStats:
             self.hessian += update.xtx
         self.tokens += update.tokens
 
-    def to(self, device: torch.device) -> "LayerStats":
-        for name in ("col_sq_norm", "hessian"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.to(device))
-        return self
-
 
 @dataclass
 class StatsUpdate:

@@ -1,5 +1,7 @@
 """Evolutionary search over per-unit sparsities (``allocation=msp``).
 
-:mod:`msp.search.evolution` is the pure search (no model), :mod:`msp.search.fitness` builds cheap candidates on
-the real model, :mod:`msp.search.allocator` registers the ``msp`` allocator (imported lazily by the registry).
+:mod:`msp.search.settings` holds the options' schema and checks, :mod:`msp.search.grid` the level grid and
+budget, :mod:`msp.search.evolution` the pure search (no model), :mod:`msp.search.fitness` the cheap candidates on
+the real model, and :mod:`msp.search.allocator` puts them together as the ``msp`` allocator (the registry points
+at :func:`msp.search.allocator.msp_allocator` and :func:`msp.search.allocator.check_options`).
 """

@@ -16,8 +16,8 @@ units of different sizes gives unequal integer weights. The operators keep (1) e
 
 Selection is elitist (μ+λ): λ offspring per generation are scored on a cheap fitness stage, the best few
 re-scored on more tokens (multi-fidelity: ``survivors`` per stage), and the next population is the best μ of
-parents and final-stage offspring. Fitness is injected: ``fitness(genome, stage) -> float``, lower is better,
-and must be deterministic (the same genome and stage always score the same) for resume to be exact.
+parents and final-stage offspring. The fitness is passed to :meth:`Evolution.run`: ``fitness(genome, stage) ->
+float``, lower is better, and deterministic (the same genome and stage always score the same) for resume to be exact.
 
 The :class:`SearchState` (population, fitnesses, generation, RNG state, best/mean history, configuration
 fingerprint) is written atomically after every generation; ``resume=True`` continues from it and reaches
@@ -33,11 +33,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from msp.allocation.base import AllocationError
+from msp.errors import MspError
 from msp.io import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,11 @@ Fitness = Callable[[np.ndarray, int], float]
 STATE_VERSION = 1
 
 
-class SearchError(ValueError):
-    """A search that cannot run as configured (infeasible budget, bad options, foreign checkpoint)."""
+class SearchError(AllocationError, MspError):
+    """A search that cannot run as configured (infeasible budget, bad options, foreign checkpoint).
+
+    The search is the ``msp`` allocator, so its errors are allocation errors (and msp errors: named explicitly
+    until :class:`AllocationError` subclasses :class:`MspError` itself)."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,7 @@ class EvolutionConfig:
     """Search budget and operators. ``survivors[s]``: offspring kept after stage ``s`` (one entry per stage but
     the last; ``()`` = a single stage). Changing ``generations`` keeps a checkpoint valid (to extend a search)."""
 
-    generations: int = 30
+    generations: int = 40
     population: int = 4
     offspring: int = 8
     survivors: tuple[int, ...] = (2,)
@@ -109,7 +113,7 @@ class EvolutionConfig:
             if not ok:
                 raise SearchError(msg)
 
-        need(int(self.generations) >= 0, f"allocation.generations={self.generations} must be >= 0, e.g. allocation.generations=30")
+        need(int(self.generations) >= 0, f"allocation.generations={self.generations} must be >= 0, e.g. allocation.generations=40")
         need(int(self.population) >= 1, f"allocation.population={self.population} must be >= 1, e.g. allocation.population=4")
         need(int(self.offspring) >= 1, f"allocation.offspring={self.offspring} must be >= 1, e.g. allocation.offspring=8")
         need(0.0 <= float(self.crossover) <= 1.0, f"allocation.crossover={self.crossover} is a probability in [0, 1], e.g. 0.25")
@@ -268,14 +272,14 @@ def _diff_keys(a: dict, b: dict) -> list[str]:
 class Evolution:
     """(μ+λ) evolutionary search with multi-fidelity selection and per-generation checkpoints.
 
-    ``describe(genome) -> str`` renders the current best for the log; ``on_generation(generation, best,
-    mean, best_genome)`` is called after every generation (e.g. to send metrics to a tracker).
+    Built from the space and the configuration alone (a checkpoint can be checked before any fitness exists);
+    :meth:`run` takes the fitness. ``describe(genome) -> str`` renders the current best for the log;
+    ``on_generation(generation, best, mean, best_genome)`` is called after every generation (e.g. for a tracker).
     """
 
     def __init__(
         self,
         space: SearchSpace,
-        fitness: Fitness,
         config: EvolutionConfig,
         *,
         checkpoint: Path | None = None,
@@ -284,7 +288,6 @@ class Evolution:
         on_generation: Callable[[int, float, float, np.ndarray], None] | None = None,
     ):
         self.space = space
-        self.fitness = fitness
         self.config = config
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.fields = {
@@ -324,10 +327,11 @@ class Evolution:
 
     # -- fitness ----------------------------------------------------------------------------------------------
 
-    def score(self, genome: np.ndarray, stage: int) -> float:
+    def score(self, fitness: Fitness, genome: np.ndarray, stage: int) -> float:
+        """``fitness(genome, stage)``, memoised (each genome and stage is evaluated once); NaN scores +inf."""
         key = (tuple(int(x) for x in genome), int(stage))
         if key not in self._memo:
-            value = float(self.fitness(np.asarray(genome, np.int64), int(stage)))
+            value = float(fitness(np.asarray(genome, np.int64), int(stage)))
             if math.isnan(value):
                 value = math.inf
             self._memo[key] = value
@@ -363,16 +367,19 @@ class Evolution:
             children.append(child)
         return children
 
-    def step(self, population: list[np.ndarray], fitness: list[float], rng: np.random.Generator) -> tuple[list[np.ndarray], list[float]]:
-        """One generation: offspring → stage-by-stage selection → best μ of parents ∪ finalists."""
+    def step(
+        self, fitness: Fitness, population: list[np.ndarray], values: list[float], rng: np.random.Generator
+    ) -> tuple[list[np.ndarray], list[float]]:
+        """One generation: offspring → stage-by-stage selection → best μ of parents ∪ finalists (``values``: the
+        parents' final-stage fitness)."""
         cfg = self.config
         candidates = self.offspring(population, rng)
         for s, keep in enumerate(cfg.survivors):
-            scores = [self.score(c, s) for c in candidates]
+            scores = [self.score(fitness, c, s) for c in candidates]
             order = sorted(range(len(candidates)), key=lambda k: (scores[k], k))
             candidates = [candidates[k] for k in order[:keep]]
-        final = [self.score(c, cfg.stages - 1) for c in candidates]
-        pool = list(zip(population, fitness)) + list(zip(candidates, final))
+        final = [self.score(fitness, c, cfg.stages - 1) for c in candidates]
+        pool = list(zip(population, values)) + list(zip(candidates, final))
         order = sorted(range(len(pool)), key=lambda k: (pool[k][1], k))  # parents first among ties
         chosen = [pool[k] for k in order[: cfg.population]]
         return [g for g, _ in chosen], [f for _, f in chosen]
@@ -381,65 +388,76 @@ class Evolution:
 
     def run(
         self,
+        fitness: Fitness,
         initial_population: Callable[[], Sequence[np.ndarray]] | Sequence[np.ndarray],
         resume: bool = False,
         resume_from: Path | None = None,
     ) -> SearchResult:
-        """Search from ``initial_population`` (a callable is only called when not resuming), or resume from
-        ``resume_from`` (default: this search's own checkpoint). The state is saved to ``checkpoint``."""
+        """Search with ``fitness`` from ``initial_population`` (a callable is only called when not resuming), or
+        resume from ``resume_from`` (default: this search's own checkpoint). The state is saved to ``checkpoint``."""
         cfg = self.config
         started = time.perf_counter()
         source = Path(resume_from) if resume_from is not None else self.checkpoint
-        state = self.load_checkpoint(source) if resume else None
-        resumed_from = None
-        if resume and state is None:
-            log.warning("allocation.resume=true but there is no search checkpoint at %s; starting a new search", source)
         rng = np.random.default_rng(cfg.seed)
-        if state is not None:
-            resumed_from = state.generation
-            rng.bit_generator.state = state.rng_state
-            self.evaluations = state.evaluations
-            log.info("resuming the search from %s at generation %d/%d (best fitness %.5f)", source, state.generation,
-                     cfg.generations, min(state.fitness))
-            population = [np.asarray(g, np.int64) for g in state.population]
-            fitness = list(state.fitness)
-            for g, f in zip(population, fitness):
-                self._memo[(tuple(int(x) for x in g), cfg.stages - 1)] = f
-        else:
+        state = self._resume(source, rng) if resume else None
+        resumed_from = None if state is None else state.generation
+        if state is None:
             genomes = initial_population() if callable(initial_population) else initial_population
-            population, fitness, initial = self._initial(genomes, rng)
-            state = SearchState(
-                generation=0, population=[g.tolist() for g in population], fitness=fitness, rng_state=rng.bit_generator.state,
-                history=[self._record(0, fitness)], evaluations=self.evaluations, fingerprint=self.fingerprint,
-                fingerprint_fields=self.fields, initial=initial, wall_seconds=time.perf_counter() - started,
-            )
-            self._save(state)
-            self._log(0, fitness, population[0])
-
+            state = self._start(fitness, genomes, rng, started)
+        population = [np.asarray(g, np.int64) for g in state.population]
+        values = list(state.fitness)
         bar = tqdm(range(state.generation, cfg.generations), desc="search", unit="gen", leave=False, initial=state.generation, total=cfg.generations)
         for _ in bar:
             t0 = time.perf_counter()
-            population, fitness = self.step(population, fitness, rng)
+            population, values = self.step(fitness, population, values, rng)
             state.generation += 1
             state.population = [g.tolist() for g in population]
-            state.fitness = list(fitness)
+            state.fitness = list(values)
             state.rng_state = rng.bit_generator.state
             state.evaluations = self.evaluations
-            state.history.append(self._record(state.generation, fitness, time.perf_counter() - t0))
+            state.history.append(self._record(state.generation, values, time.perf_counter() - t0))
             state.wall_seconds += time.perf_counter() - t0
             self._save(state)
-            bar.set_postfix(best=f"{fitness[0]:.4f}", mean=f"{float(np.mean(fitness)):.4f}")
-            self._log(state.generation, fitness, population[0])
+            bar.set_postfix(best=f"{values[0]:.4f}", mean=f"{float(np.mean(values)):.4f}")
+            self._log(state.generation, values, population[0])
         bar.close()
-        best = int(np.argmin(fitness))
+        best = int(np.argmin(values))
         return SearchResult(
-            best=population[best], best_fitness=float(fitness[best]), initial=np.asarray(state.initial["genome"], np.int64),
+            best=population[best], best_fitness=float(values[best]), initial=np.asarray(state.initial["genome"], np.int64),
             initial_fitness=float(state.initial["fitness"]), history=state.history, evaluations=self.evaluations,
             generations=state.generation, resumed_from=resumed_from, wall_seconds=time.perf_counter() - started,
-            population=population, fitness=fitness,
+            population=population, fitness=values,
         )
 
-    def _initial(self, genomes: Sequence[np.ndarray], rng: np.random.Generator) -> tuple[list[np.ndarray], list[float], dict]:
+    def _resume(self, source: Path | None, rng: np.random.Generator) -> SearchState | None:
+        """The checkpoint at ``source`` with the RNG, the evaluation count and the memo restored; None if there is none."""
+        state = self.load_checkpoint(source)
+        if state is None:
+            log.warning("allocation.resume=true but there is no search checkpoint at %s; starting a new search", source)
+            return None
+        rng.bit_generator.state = state.rng_state
+        self.evaluations = state.evaluations
+        log.info("resuming the search from %s at generation %d/%d (best fitness %.5f)", source, state.generation,
+                 self.config.generations, min(state.fitness))
+        for g, f in zip(state.population, state.fitness):
+            self._memo[(tuple(int(x) for x in g), self.config.stages - 1)] = f
+        return state
+
+    def _start(self, fitness: Fitness, genomes: Sequence[np.ndarray], rng: np.random.Generator, started: float) -> SearchState:
+        """Generation 0: the scored initial population, saved."""
+        population, values, initial = self._initial(fitness, genomes, rng)
+        state = SearchState(
+            generation=0, population=[g.tolist() for g in population], fitness=values, rng_state=rng.bit_generator.state,
+            history=[self._record(0, values)], evaluations=self.evaluations, fingerprint=self.fingerprint,
+            fingerprint_fields=self.fields, initial=initial, wall_seconds=time.perf_counter() - started,
+        )
+        self._save(state)
+        self._log(0, values, population[0])
+        return state
+
+    def _initial(
+        self, fitness: Fitness, genomes: Sequence[np.ndarray], rng: np.random.Generator
+    ) -> tuple[list[np.ndarray], list[float], dict]:
         """Score the initial genomes (final stage), fill up to μ with mutants, keep the best μ. Also returns
         ``{"genome", "fitness"}`` of the first initial genome (the sensitivity allocation) for the report."""
         cfg = self.config
@@ -464,12 +482,12 @@ class Evolution:
                 seen.add(key)
                 unique.append(g)
         last = cfg.stages - 1
-        scores = [self.score(g, last) for g in tqdm(unique, desc="search: initial population", unit="genome", leave=False)]
+        scores = [self.score(fitness, g, last) for g in tqdm(unique, desc="search: initial population", unit="genome", leave=False)]
         order = sorted(range(len(unique)), key=lambda k: (scores[k], k))[: cfg.population]
         return [unique[k] for k in order], [scores[k] for k in order], {"genome": unique[0].tolist(), "fitness": scores[0]}
 
-    def _record(self, generation: int, fitness: list[float], seconds: float | None = None) -> dict:
-        rec = {"generation": generation, "best": float(min(fitness)), "mean": float(np.mean(fitness)), "evaluations": self.evaluations}
+    def _record(self, generation: int, values: list[float], seconds: float | None = None) -> dict:
+        rec = {"generation": generation, "best": float(min(values)), "mean": float(np.mean(values)), "evaluations": self.evaluations}
         if seconds is not None:
             rec["seconds"] = seconds
         return rec
@@ -478,12 +496,12 @@ class Evolution:
         if self.checkpoint is not None:
             state.save(self.checkpoint)
 
-    def _log(self, generation: int, fitness: list[float], best: np.ndarray) -> None:
-        mean = float(np.mean(fitness))
+    def _log(self, generation: int, values: list[float], best: np.ndarray) -> None:
+        mean = float(np.mean(values))
         log.info("search generation %d/%d: best fitness %.5f, mean %.5f, %d evaluations; best: %s",
-                 generation, self.config.generations, min(fitness), mean, self.evaluations, self.describe(best))
+                 generation, self.config.generations, min(values), mean, self.evaluations, self.describe(best))
         if self.on_generation is not None:
-            self.on_generation(generation, float(min(fitness)), mean, best)
+            self.on_generation(generation, float(min(values)), mean, best)
 
 
 __all__ = ["SearchSpace", "EvolutionConfig", "SearchState", "SearchResult", "SearchError", "Evolution", "Fitness",

@@ -4,15 +4,14 @@ Per-layer *variants* are computed once, from ONE dense calibration pass (EvoPres
 allocation is evaluated by swapping into the model only the layers whose level changed since the previous
 candidate:
 
-* **ranking** (magnitude, Wanda — any pruner with ``scores``): each layer's per-row ranking of its scores is
+* **ranking** (magnitude, Wanda — any pruner declaring ``score_based``): each layer's per-row ranking of its scores is
   stored once (int16 positions), and the mask of any level is a threshold of it: a weight is kept iff its
   position in its row's stable ascending score order is ≥ k = ``prune_count(cols, s)`` — exactly the mask
   :func:`msp.masks.topk_row_mask` builds, without re-sorting and without per-level weight copies. For N:M the
   position inside each group of M (stable descending) is stored and a weight is kept iff it is < N.
 * **store** (SparseGPT — any pruner): the pruned weight of every (layer, level) the grid can reach, from
-  ``pruner.prune_weight`` on the dense-pass statistics, held in memory or on disk in float16 (bounded by
-  ``max_levels`` levels per layer). A pruner may offer ``prune_weight_levels(weight, stats, sparsities,
-  pattern) -> list`` to compute all of a layer's levels in one call (e.g. sharing SparseGPT's H⁻¹ factor).
+  ``pruner.prune_weight_levels`` on the dense-pass statistics (SparseGPT: all of a layer's levels in one sweep
+  sharing the H⁻¹ factor), held in memory or on disk in float16 (bounded by ``max_levels`` levels per layer).
 
 Fitness (lower is better) on held-out *calibration* tokens (never the evaluation split), with the dense
 model's next-token log-probabilities cached once:
@@ -33,19 +32,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from msp.masks import Pattern, prune_count
 from msp.eval.perplexity import batch_nll
-from msp.pipeline import sequential_pass, streamed_logits
+from msp.pipeline import batch_logits, sequential_pass
 from msp.pruners import Pruner
 from msp.search.evolution import SearchError
+from msp.search.settings import METRICS, MODES, STORE_DTYPES, STORES
+from msp.streaming import StreamingPlan
 
 log = logging.getLogger(__name__)
-
-METRICS = ("kl", "ppl")
-MODES = ("auto", "ranking", "store")
-STORES = ("memory", "disk")
 
 
 # ---------------------------------------------------------------------------------------------------- rankings
@@ -86,8 +82,6 @@ def mask_from_ranking(rank: torch.Tensor, sparsity: float, pattern: Pattern) -> 
 class LayerVariants:
     """The weight of every prunable layer at any level it may take, plus its dense weight."""
 
-    mode = "base"
-
     def __init__(self, dense: dict[str, torch.Tensor]):
         self.dense = dense
 
@@ -102,7 +96,7 @@ class LayerVariants:
 
 
 class RankingVariants(LayerVariants):
-    mode = "ranking"
+    """Each layer's dense weight and its score ranking (:func:`ranking_of`): any level's mask is one comparison."""
 
     def __init__(self, dense: dict[str, torch.Tensor], ranks: dict[str, torch.Tensor], pattern: Pattern):
         super().__init__(dense)
@@ -126,8 +120,6 @@ def level_key(sparsity: float) -> str:
 
 class StoredVariants(LayerVariants):
     """Pruned weights per (layer, level) in memory, or as files in ``folder`` (deleted by :meth:`close`)."""
-
-    mode = "store"
 
     def __init__(self, dense: dict[str, torch.Tensor], folder: Path | None = None):
         super().__init__(dense)
@@ -165,17 +157,16 @@ class StoredVariants(LayerVariants):
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-_STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_STORE_DTYPES = {name: getattr(torch, name) for name in STORE_DTYPES}
 
 
 def resolve_mode(mode: str, pruner: Pruner) -> str:
     """``auto`` → ``ranking`` for score-based pruners (magnitude, Wanda), ``store`` for the others (SparseGPT)."""
     if mode not in MODES:
         raise SearchError(f"allocation.candidates={mode!r} is unknown; valid: {', '.join(MODES)}")
-    scorable = type(pruner).scores is not Pruner.scores
     if mode == "auto":
-        return "ranking" if scorable else "store"
-    if mode == "ranking" and not scorable:
+        return "ranking" if pruner.score_based else "store"
+    if mode == "ranking" and not pruner.score_based:
         raise SearchError(
             f"allocation.candidates=ranking needs a score-based pruner (magnitude, wanda); pruner={pruner.name} reconstructs "
             f"weights, use allocation.candidates=store (or auto)"
@@ -206,51 +197,18 @@ def precompute_variants(
     The model's weights are not changed (the callback returns False, so the dense outputs propagate).
     """
     mode = resolve_mode(mode, pruner)
-    if store not in STORES:
-        raise SearchError(f"allocation.store={store!r} is unknown; valid: {', '.join(STORES)}")
-    if store_dtype not in _STORE_DTYPES:
-        raise SearchError(f"allocation.store_dtype={store_dtype!r} is unknown; valid: {', '.join(_STORE_DTYPES)}")
-    if mode == "store":
-        if levels is None:
-            raise SearchError("store mode needs the levels of every layer")
-        most = max(len(v) for v in levels.values())
-        if most > max_levels:
-            raise SearchError(
-                f"the grid gives a layer {most} levels but allocation.max_levels={max_levels} bounds the variant store; "
-                f"raise allocation.step, narrow allocation.min/max, use allocation.granularity=block, or raise allocation.max_levels"
-            )
-    if pattern.kind == "nm" and mode == "ranking":
-        pass  # a fixed N:M pattern has one level per layer; rankings still work
-    names_by_id = {id(lin): name for name, lin in layers.items()}
-    dense: dict[str, torch.Tensor] = {}
-    ranks: dict[str, torch.Tensor] = {}
-    folder = None
-    if mode == "store" and store == "disk":
-        root = Path(store_dir) if store_dir else None
-        if root is not None:
-            root.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix="search_store_", dir=root))
-    variants: LayerVariants = RankingVariants(dense, ranks, pattern) if mode == "ranking" else StoredVariants(dense, folder)
-    sdtype = _STORE_DTYPES[store_dtype]
-    cpu = torch.device("cpu")
+    _check_store(mode, store, store_dtype, levels, max_levels)
     needs_data = pruner.needs_calibration
     if needs_data and (calibration_ids is None or calibration_ids.numel() == 0):
         raise SearchError(f"pruner={pruner.name} needs calibration data for the search's variants (data.nsamples >= 1)")
+    names_by_id = {id(lin): name for name, lin in layers.items()}
+    variants = _empty_variants(mode, pattern, store, store_dir)
+    sdtype = _STORE_DTYPES[store_dtype]
 
     def on_block(index, prefix, block, linears, stats):
         for local, lin in linears.items():
             name = names_by_id.get(id(lin), f"{prefix}.{index}.{local}")
-            w = lin.weight.data
-            dense[name] = w.detach().to(cpu, copy=True)
-            st = stats.get(local)
-            if mode == "ranking":
-                ranks[name] = ranking_of(pruner.scores(w, st), pattern).to(cpu)
-            else:
-                wanted = [float(s) for s in levels[name]]
-                many = getattr(pruner, "prune_weight_levels", None)  # optional: one call for all levels (shared factorisation)
-                outs = many(w, st, wanted, pattern) if many is not None else (pruner.prune_weight(w, st, s, pattern) for s in wanted)
-                for s, pruned in zip(wanted, outs):
-                    variants.put(name, s, pruned.to(cpu, sdtype))
+            _record_layer(variants, name, lin.weight.data, stats.get(local), pruner, pattern, levels, sdtype)
         return False  # weights untouched: the dense outputs feed the next block
 
     try:
@@ -268,12 +226,55 @@ def precompute_variants(
     except BaseException:
         variants.close()
         raise
-    missing = [n for n in layers if n not in dense]
+    missing = [n for n in layers if n not in variants.dense]
     if missing:
         variants.close()
         raise SearchError(f"the variant pass did not visit {len(missing)} layer(s), e.g. {missing[0]}")
-    log.info("search variants (%s, %s): %d layers, %.1f MiB held", pruner.name, mode, len(dense), variants.nbytes() / 2**20)
+    log.info("search variants (%s, %s): %d layers, %.1f MiB held", pruner.name, mode, len(variants.dense), variants.nbytes() / 2**20)
     return variants
+
+
+def _check_store(mode: str, store: str, store_dtype: str, levels: dict[str, Sequence[float]] | None, max_levels: int) -> None:
+    if store not in STORES:
+        raise SearchError(f"allocation.store={store!r} is unknown; valid: {', '.join(STORES)}")
+    if store_dtype not in _STORE_DTYPES:
+        raise SearchError(f"allocation.store_dtype={store_dtype!r} is unknown; valid: {', '.join(_STORE_DTYPES)}")
+    if mode != "store":
+        return
+    if levels is None:
+        raise SearchError("store mode needs the levels of every layer")
+    most = max(len(v) for v in levels.values())
+    if most > max_levels:
+        raise SearchError(
+            f"the grid gives a layer {most} levels but allocation.max_levels={max_levels} bounds the variant store; "
+            f"raise allocation.step, narrow allocation.min/max, use allocation.granularity=block, or raise allocation.max_levels"
+        )
+
+
+def _empty_variants(mode: str, pattern: Pattern, store: str, store_dir: Path | None) -> LayerVariants:
+    """Rankings (ranking mode), or a store in memory or in a fresh temporary folder under ``store_dir``."""
+    if mode == "ranking":
+        return RankingVariants({}, {}, pattern)
+    folder = None
+    if store == "disk":
+        root = Path(store_dir) if store_dir else None
+        if root is not None:
+            root.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="search_store_", dir=root))
+    return StoredVariants({}, folder)
+
+
+def _record_layer(variants: LayerVariants, name: str, weight: torch.Tensor, stats, pruner: Pruner, pattern: Pattern,
+                  levels: dict[str, Sequence[float]] | None, dtype: torch.dtype) -> None:
+    """One layer's dense weight (on the CPU) and its ranking or its pruned weight at every level it may take."""
+    cpu = torch.device("cpu")
+    variants.dense[name] = weight.detach().to(cpu, copy=True)
+    if isinstance(variants, RankingVariants):
+        variants.ranks[name] = ranking_of(pruner.scores(weight, stats), pattern).to(cpu)
+        return
+    wanted = [float(s) for s in levels[name]]
+    for s, pruned in zip(wanted, pruner.prune_weight_levels(weight, stats, wanted, pattern)):
+        variants.put(name, s, pruned.to(cpu, dtype))
 
 
 # ---------------------------------------------------------------------------------------------------- candidates
@@ -316,19 +317,14 @@ class CandidateModel:
         self.current = None
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=batch, use_cache=False).logits.float()
-
-
 class ModelFitness:
     """``fitness(genome, stage)``: the candidate's KL to the dense model (or its perplexity) on the first
     ``stage_windows[stage]`` held-out windows. Build it while the dense weights are in place: the dense
     log-probabilities are cached at construction.
 
-    ``streamed``: the model stays where it is (the CPU) and each candidate's forward visits ``device`` one
-    decoder block at a time (:func:`msp.pipeline.stream_blocks`), activations between blocks on
-    ``store_device`` — the search of a model bigger than the GPU. Same numbers as the resident forward.
+    ``plan``: the run's :class:`msp.streaming.StreamingPlan`; when it streams, the model stays where it is (the
+    CPU) and each candidate's forward visits ``device`` one decoder block at a time (:func:`msp.pipeline.batch_logits`)
+    — the search of a model bigger than the GPU. Same numbers as the resident forward.
     """
 
     def __init__(
@@ -341,15 +337,14 @@ class ModelFitness:
         metric: str = "kl",
         batch_size: int = 4,
         *,
-        streamed: bool = False,
-        store_device: torch.device | None = None,
+        plan: StreamingPlan | None = None,
     ):
         if metric not in METRICS:
             raise SearchError(f"allocation.fitness={metric!r} is unknown; valid: {', '.join(METRICS)}")
         if candidate.current is not None:
             raise SearchError("build the fitness before any candidate is applied (the dense reference is cached first)")
         self.model, self.candidate, self.device = model, candidate, device
-        self.streamed, self.store_device = bool(streamed), store_device
+        self.plan = plan
         self.windows = windows
         self.stage_windows = [int(n) for n in stage_windows]
         if max(self.stage_windows) > windows.shape[0]:
@@ -368,7 +363,6 @@ class ModelFitness:
                 self.dense_plogp.append((p * logp).sum(dim=-1).to("cpu"))
                 self.dense_p.append(p.to("cpu"))
                 del logp, p
-        self.dense_value = 0.0 if metric == "kl" else self._ppl(max(self.stage_windows))
 
     def __call__(self, genome: np.ndarray, stage: int) -> float:
         self.candidate.apply(genome)
@@ -378,15 +372,7 @@ class ModelFitness:
     @torch.no_grad()
     def _batches(self, n: int, desc: str | None = None):
         """(batch index, token ids on the device, float32 logits) for the first ``n`` windows, in batches."""
-        windows = self.windows[:n]
-        if not self.streamed:
-            starts = range(0, n, self.batch_size)
-            for b, start in enumerate(tqdm(starts, desc=desc, unit="batch", leave=False) if desc else starts):
-                batch = windows[start : start + self.batch_size].to(self.device)
-                yield b, batch, _logits(self.model, batch)
-            return
-        batches = streamed_logits(self.model, windows, self.device, batch_size=self.batch_size,
-                                  store_device=self.store_device, desc=desc or "search: streamed candidate")
+        batches = batch_logits(self.model, self.windows[:n], self.device, plan=self.plan, batch_size=self.batch_size, desc=desc)
         for b, (batch, logits) in enumerate(batches):
             yield b, batch, logits.float()
 

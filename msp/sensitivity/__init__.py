@@ -4,17 +4,27 @@
 * ``hessian`` — Hutchinson Hessian trace (:mod:`msp.sensitivity.hessian`), per Linear layer.
 * ``owl``     — OWL outlier ratio (:mod:`msp.sensitivity.owl`), per decoder block, given to each of its layers.
 
-:func:`compute_sensitivity` is the entry point allocators use; :func:`per_block` aggregates to blocks.
+:func:`compute_sensitivity` is the entry point allocators use: it takes what it needs as arguments and returns a
+:class:`SensitivityReport` (the run writes it to ``sensitivity.json``). Whether the model is streamed one block
+at a time is the run's :class:`msp.streaming.StreamingPlan`'s to say; the trace functions take the plan.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
 
 from msp.models import find_blocks, layer_block_index
+from msp.sensitivity.common import SensitivityError, windows_to_use
+from msp.streaming import StreamingPlan, is_streamed
+
+if TYPE_CHECKING:
+    from msp.cache import DiskCache
 
 log = logging.getLogger(__name__)
 
@@ -35,101 +45,93 @@ class SensitivityReport:
         return {"method": self.method, "options": self.options, "layers": self.values}
 
 
-def per_block(sens: Mapping[str, float], prefix: str, weights: Mapping[str, int] | None = None) -> dict[int, float]:
-    """Block index → Σ of its layers' values (``prefix``: the blocks' module path, e.g. ``model.layers``).
-
-    With ``weights`` (layer → parameter count) the block value is the weighted mean Σ w_l σ_l / Σ w_l instead,
-    which is the right aggregate for per-parameter (normalised) traces: total trace / total parameters.
-    """
-    sums: dict[int, float] = {}
-    mass: dict[int, float] = {}
-    for name, value in sens.items():
-        b = layer_block_index(name, prefix)
-        w = float(weights[name]) if weights is not None else 1.0
-        sums[b] = sums.get(b, 0.0) + w * float(value)
-        mass[b] = mass.get(b, 0.0) + w
-    if weights is None:
-        return dict(sorted(sums.items()))
-    return {b: sums[b] / mass[b] for b in sorted(sums)}
-
-
 def _opt(options: Mapping[str, Any], key: str, default: Any) -> Any:
     value = options.get(key, default)
     return default if value is None else value
 
 
-def compute_sensitivity(ctx, method: str, options: Mapping[str, Any] | None = None) -> SensitivityReport:
-    """Sensitivity of every prunable Linear layer of ``ctx.model`` (a :class:`msp.allocation.build.AllocationContext`).
+def compute_sensitivity(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    windows: torch.Tensor,
+    method: str,
+    options: Mapping[str, Any] | None = None,
+    *,
+    device: torch.device,
+    plan: StreamingPlan | None = None,
+    seed: int = 0,
+    batch_size: int = 4,
+    cache: DiskCache | None = None,
+    cache_fields: Mapping[str, Any] | None = None,
+) -> SensitivityReport:
+    """Sensitivity of every Linear layer in ``layers`` (name → module of ``model``) from the calibration
+    ``windows`` (n, seqlen).
 
     options (all optional): ``nsamples`` (calibration windows used; null = all), ``normalize`` (divide traces by
-    the parameter count; default true), ``probes`` and ``seed`` (hessian; seed defaults to the run's seed),
-    ``M`` (owl; default 5). Raw values are cached on disk under a key naming model, data, nsamples, seqlen,
-    seed, method and these options; normalisation is applied after the cache so both variants share an entry.
+    the parameter count; default true), ``probes`` and ``seed`` (hessian; seed defaults to ``seed``), ``M`` (owl;
+    default 5). ``plan``: the run's streaming plan (None: the model is resident on ``device``); ``batch_size``: the
+    OWL statistics pass's. Raw values are cached in ``cache`` (a :class:`msp.cache.DiskCache`, or None) under a key
+    naming ``cache_fields`` (model, data, nsamples, seqlen, seed), the method and these options; normalisation is
+    applied after the cache so both variants share an entry.
     """
     options = dict(options or {})
     if method not in METHODS:
-        raise ValueError(f"unknown sensitivity {method!r}; valid: {', '.join(METHODS)}")
-    windows = ctx.calibration_ids
-    layers = ctx.layers
+        raise SensitivityError(f"unknown sensitivity {method!r}; valid: {', '.join(METHODS)}")
     started = time.perf_counter()
-    plan = ctx.plan
-    streamed = plan is not None and plan.stream
-    store_device = plan.store if streamed else None
-    grad_device = ctx.device
-    if streamed and method != "owl":  # no whole-model graph: blocks visit the device one at a time (msp.sensitivity.streamed)
-        log.info("%s sensitivity on a streamed model: block-streamed forward/backward on %s", method, ctx.device)
-    if method in ("fisher", "hessian"):
-        from msp.sensitivity._grad import windows_to_use
-
-        nsamples = options.get("nsamples")
-        used = windows_to_use(windows, nsamples)
-        normalize = bool(_opt(options, "normalize", True))
-        fields: dict[str, Any] = {"windows": int(used.shape[0])}
-        if method == "fisher":
-            from msp.sensitivity.fisher import fisher_trace
-            from msp.sensitivity.streamed import streamed_fisher_trace
-
-            if streamed:  # same values as fisher_trace (tests/test_streamed_sensitivity.py), so the cache entry is shared
-                compute = lambda: streamed_fisher_trace(ctx.model, used, grad_device, normalize=False, layers=layers, store_device=store_device)  # noqa: E731
-            else:
-                compute = lambda: fisher_trace(ctx.model, used, grad_device, normalize=False, layers=layers)  # noqa: E731
-        else:
-            from msp.sensitivity.hessian import hessian_trace
-
-            probes = int(_opt(options, "probes", 4))
-            probe_seed = int(_opt(options, "seed", ctx.seed))
-            fields.update(probes=probes, probe_seed=probe_seed)
-            if streamed:
-                from msp.sensitivity.streamed import streamed_hessian_trace
-
-                compute = lambda: streamed_hessian_trace(ctx.model, used, grad_device, probes=probes, normalize=False, seed=probe_seed,  # noqa: E731
-                                                         layers=layers, store_device=store_device)
-            else:
-                compute = lambda: hessian_trace(ctx.model, used, grad_device, probes=probes, normalize=False, seed=probe_seed, layers=layers)  # noqa: E731
-        raw = _cached(ctx, method, fields, compute)
-        values = {n: raw[n] / layers[n].weight.numel() if normalize else raw[n] for n in layers}
-    else:
-        from msp.sensitivity.owl import owl_outlier_ratios
-
+    if method == "owl":
         M = float(_opt(options, "M", 5.0))
-        prefix, _ = find_blocks(ctx.model)
-        ratios = _cached(ctx, method, {"M": M}, lambda: owl_outlier_ratios(ctx.model, windows, ctx.device, M=M, batch_size=ctx.batch_size, store_device=store_device))
-        values = {n: float(ratios[layer_block_index(n, prefix)]) for n in layers}
-    missing = [n for n in layers if n not in values]
+        ratios = _cached(cache, cache_fields, method, {"M": M}, lambda: _owl(model, windows, device, M, batch_size, plan))
+        prefix, _ = find_blocks(model)
+        raw = {n: float(ratios[b]) for n in layers if (b := layer_block_index(n, prefix)) in ratios}
+        normalize = False  # a ratio already
+    else:
+        used = windows_to_use(windows, options.get("nsamples"))
+        fields, compute = _trace(method, model, layers, used, device, plan, options, seed)
+        raw = _cached(cache, cache_fields, method, fields, compute)
+        normalize = bool(_opt(options, "normalize", True))
+    missing = [n for n in layers if n not in raw]
     if missing:  # a stale or foreign cache entry
-        raise ValueError(f"cached {method} sensitivity lacks {len(missing)} layer(s) (e.g. {missing[0]}); run with use_cache=false")
+        raise SensitivityError(f"cached {method} sensitivity lacks {len(missing)} layer(s) (e.g. {missing[0]}); run with use_cache=false")
+    values = {n: raw[n] / layers[n].weight.numel() if normalize else raw[n] for n in layers}
     elapsed = time.perf_counter() - started
     log.info("sensitivity %s: %.1f s for %d layers", method, elapsed, len(values))
     return SensitivityReport(method, values, elapsed, options)
 
 
-def _cached(ctx, method: str, fields: dict, compute):
+def _trace(
+    method: str, model: nn.Module, layers: dict[str, nn.Linear], used: torch.Tensor, device: torch.device,
+    plan: StreamingPlan | None, options: Mapping[str, Any], seed: int,
+) -> tuple[dict[str, Any], Callable[[], dict[str, float]]]:
+    """(cache key fields, the computation of the raw traces) of ``fisher`` or ``hessian`` on the windows ``used``.
+    Streamed and resident give the same values (tests/test_streamed_sensitivity.py), so they share a cache entry."""
+    fields: dict[str, Any] = {"windows": int(used.shape[0])}
+    if method == "fisher":
+        from msp.sensitivity.fisher import fisher_trace
+
+        return fields, lambda: fisher_trace(model, used, device, normalize=False, layers=layers, plan=plan)
+    from msp.sensitivity.hessian import hessian_trace
+
+    probes = int(_opt(options, "probes", 4))
+    probe_seed = int(_opt(options, "seed", seed))
+    fields.update(probes=probes, probe_seed=probe_seed)
+    return fields, lambda: hessian_trace(model, used, device, probes=probes, normalize=False, seed=probe_seed, layers=layers, plan=plan)
+
+
+def _owl(model: nn.Module, windows: torch.Tensor, device: torch.device, M: float, batch_size: int,
+         plan: StreamingPlan | None) -> dict[int, float]:
+    from msp.sensitivity.owl import owl_outlier_ratios
+
+    store_device = plan.store if is_streamed(plan) else None
+    return owl_outlier_ratios(model, windows, device, M=M, batch_size=batch_size, store_device=store_device)
+
+
+def _cached(cache: DiskCache | None, cache_fields: Mapping[str, Any] | None, method: str, fields: dict, compute):
     from msp.cache import cache_key
 
-    if ctx.cache is None:
+    if cache is None:
         return compute()
-    key = cache_key(method, **ctx.cache_fields, **fields)
-    return ctx.cache.get_or_compute(key, compute)
+    key = cache_key(method, **(cache_fields or {}), **fields)
+    return cache.get_or_compute(key, compute)
 
 
-__all__ = ["compute_sensitivity", "per_block", "METHODS", "SensitivityReport"]
+__all__ = ["compute_sensitivity", "METHODS", "SensitivityReport", "SensitivityError"]

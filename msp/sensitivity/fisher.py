@@ -11,16 +11,14 @@ layers of different shapes comparable.
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from msp.models import prunable_layers
-from msp.sensitivity._grad import grads_on, next_token_loss, windows_to_use
-
-log = logging.getLogger(__name__)
+from msp.sensitivity.common import grads_on, next_token_loss, per_layer_means, windows_to_use
+from msp.sensitivity.streamed import streamed_fisher_sums
+from msp.streaming import StreamingPlan, is_streamed
 
 
 def fisher_trace(
@@ -31,15 +29,27 @@ def fisher_trace(
     nsamples: int | None = None,
     normalize: bool = True,
     layers: dict[str, nn.Linear] | None = None,
+    plan: StreamingPlan | None = None,
 ) -> dict[str, float]:
     """tr(F_u) for every prunable Linear layer of ``model`` (names as :func:`msp.models.prunable_layers`).
 
     windows: (num_windows, seqlen) token ids; the first ``nsamples`` (all when None) are used, one backward
-    each. The model must already sit on ``device``; its ``requires_grad`` flags and ``.grad`` are restored.
-    Squares are accumulated in float32 whatever the weight dtype.
+    each. Resident (no ``plan``, or one that does not stream): the model already sits on ``device`` and one
+    autograd graph spans it; streamed: blocks visit ``device`` one at a time
+    (:func:`msp.sensitivity.streamed.streamed_fisher_sums`), same values up to rounding. The model's
+    ``requires_grad`` flags and ``.grad`` are restored. Squares are accumulated in float32 whatever the weight dtype.
     """
     layers = layers if layers is not None else prunable_layers(model)
     used = windows_to_use(windows, nsamples)
+    if is_streamed(plan):
+        sums = streamed_fisher_sums(model, used, device, layers, plan)
+    else:
+        sums = resident_fisher_sums(model, used, device, layers)
+    return per_layer_means(sums, used.shape[0], layers, normalize, "fisher trace" + (" (streamed)" if is_streamed(plan) else ""))
+
+
+def resident_fisher_sums(model: nn.Module, used: torch.Tensor, device: torch.device, layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """Σ_n Σ_{θ∈u} (∂ℓ_n/∂θ)² per layer (float32 scalars on ``device``), one whole-model backward per sequence."""
     acc = {name: torch.zeros((), dtype=torch.float32, device=device) for name in layers}
     names = list(layers)
     with grads_on(model, layers) as weights:
@@ -48,10 +58,4 @@ def fisher_trace(
             grads = torch.autograd.grad(loss, weights)
             for name, g in zip(names, grads):
                 acc[name] += g.detach().to(torch.float32).pow(2).sum()
-    count = used.shape[0]
-    out = {}
-    for name, lin in layers.items():
-        value = float(acc[name].item()) / count
-        out[name] = value / lin.weight.numel() if normalize else value
-    log.info("fisher trace over %d sequences: %d layers, range [%.3e, %.3e]", count, len(out), min(out.values()), max(out.values()))
-    return out
+    return acc

@@ -13,32 +13,15 @@ error shrinks as 1/√(N·P). The trace of a non-convex loss's Hessian may be ne
 """
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from msp.models import prunable_layers
-from msp.sensitivity._grad import grads_on, next_token_loss, windows_to_use
-
-log = logging.getLogger(__name__)
-
-
-@contextmanager
-def _math_attention():
-    """Double backward needs the reference ("math") scaled-dot-product attention: the fused kernels do not
-    implement a derivative of their backward."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
-
-
-def rademacher_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """±1 entries (float32, on CPU from a seeded generator so probes do not depend on the device)."""
-    return torch.randint(0, 2, t.shape, generator=generator, dtype=torch.int8).to(torch.float32).mul_(2).sub_(1)
+from msp.sensitivity.common import (check_probes, grads_on, math_attention, next_token_loss, per_layer_means,
+                                    rademacher_like, windows_to_use)
+from msp.sensitivity.streamed import streamed_hessian_sums
+from msp.streaming import StreamingPlan, is_streamed
 
 
 def hutchinson_trace(
@@ -75,29 +58,38 @@ def hessian_trace(
     normalize: bool = True,
     seed: int = 0,
     layers: dict[str, nn.Linear] | None = None,
+    plan: StreamingPlan | None = None,
 ) -> dict[str, float]:
     """Hutchinson tr(H_u) for every prunable Linear layer (names as :func:`msp.models.prunable_layers`).
 
     windows: (num_windows, seqlen) token ids, the first ``nsamples`` used (all when None); ``probes``
     Rademacher vectors per sequence, drawn from ``seed``. ``normalize`` divides by the parameter count.
+    Resident (no ``plan``, or one that does not stream): one double backward through the whole model per
+    sequence; streamed: blocks visit ``device`` one at a time
+    (:func:`msp.sensitivity.streamed.streamed_hessian_sums`), the same probes, the same estimate up to rounding.
     """
-    if int(probes) < 1:
-        raise ValueError(f"hessian probes={probes}: need at least 1 Rademacher probe (e.g. allocation.probes=4)")
+    probes = check_probes(probes)
     layers = layers if layers is not None else prunable_layers(model)
     used = windows_to_use(windows, nsamples)
+    if is_streamed(plan):
+        sums = streamed_hessian_sums(model, used, device, layers, plan, probes=probes, seed=seed)
+    else:
+        sums = resident_hessian_sums(model, used, device, layers, probes=probes, seed=seed)
+    what = f"hessian trace ({used.shape[0]} sequences x {probes} probes{', streamed' if is_streamed(plan) else ''})"
+    return per_layer_means(sums, used.shape[0] * probes, layers, normalize, what)
+
+
+def resident_hessian_sums(
+    model: nn.Module, used: torch.Tensor, device: torch.device, layers: dict[str, nn.Linear], *, probes: int, seed: int
+) -> dict[str, torch.Tensor]:
+    """Σ_n Σ_p z_pᵀ (H_n z_p)_u per layer (float32 scalars on ``device``), the probes drawn from ``seed``."""
     gen = torch.Generator().manual_seed(int(seed))
     acc = {name: torch.zeros((), dtype=torch.float32, device=device) for name in layers}
     names = list(layers)
-    with grads_on(model, layers) as weights, _math_attention():
+    with grads_on(model, layers) as weights, math_attention():
         for n in tqdm(range(used.shape[0]), desc="hessian: sequences", unit="seq", leave=False):
             ids = used[n : n + 1].to(device)
-            sums = hutchinson_trace(lambda: next_token_loss(model, ids), weights, probes=int(probes), generator=gen)
+            sums = hutchinson_trace(lambda: next_token_loss(model, ids), weights, probes=probes, generator=gen)
             for name, s in zip(names, sums):
                 acc[name] += s.detach()
-    count = used.shape[0] * int(probes)
-    out = {}
-    for name, lin in layers.items():
-        value = float(acc[name].item()) / count
-        out[name] = value / lin.weight.numel() if normalize else value
-    log.info("hessian trace (%d sequences x %d probes): %d layers, range [%.3e, %.3e]", used.shape[0], probes, len(out), min(out.values()), max(out.values()))
-    return out
+    return acc

@@ -18,6 +18,7 @@ from torch import nn
 
 from msp.pipeline import sequential_pass
 from msp.pruners.wanda import wanda_scores
+from msp.sensitivity.common import SensitivityError
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,9 @@ def owl_outlier_ratios(
 ) -> dict[int, float]:
     """D_b for every decoder block b (block index → ratio in [0, 1]). windows: (num_windows, seqlen) ids."""
     if not float(M) > 0:
-        raise ValueError(f"OWL M={M}: the outlier threshold multiple must be positive, e.g. allocation.M=5")
+        raise SensitivityError(f"OWL M={M}: the outlier threshold multiple must be positive, e.g. allocation.M=5")
     if windows is None or windows.ndim != 2 or windows.shape[0] == 0:
-        raise ValueError("OWL needs calibration windows (nsamples, seqlen); set data.nsamples >= 1")
+        raise SensitivityError("OWL needs calibration windows (nsamples, seqlen); set data.nsamples >= 1")
     ratios: dict[int, float] = {}
 
     def on_block(index, prefix, block, linears, stats):
