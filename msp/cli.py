@@ -53,13 +53,10 @@ def spec_from_config(cfg: DictConfig):
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """msp's own error types: :class:`MspError`, and (until their modules subclass it) the device, streaming and
-    export errors, which are msp's too."""
-    from msp.device import DeviceError
+    """msp's own error types: :class:`MspError`, and (until msp.export subclasses it) the export error."""
     from msp.export import ExportError
-    from msp.streaming import StreamingError
 
-    return (MspError, DeviceError, StreamingError, ExportError)
+    return (MspError, ExportError)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
