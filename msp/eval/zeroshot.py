@@ -347,7 +347,7 @@ def _logged_mean(scores: dict[str, dict[str, float]], metric: str) -> float:
     return mean
 
 
-def run_zeroshot(model: nn.Module, tokenizer, options: dict, device: torch.device | str) -> dict:
+def run_zeroshot(model: nn.Module, tokenizer, options: dict, device: torch.device | str) -> dict:  # ~64 lines: one lm-eval call, its task set-up and its error translation
     """Evaluate ``model`` (in memory, as pruned) on ``options["tasks"]`` with lm-eval.
 
     Returns ``{"zeroshot": {task: {metric: value}, ..., "mean": mean of mean_metric},
