@@ -1,4 +1,4 @@
-"""``msp`` console script: compose the Hydra config, call :func:`msp.run.run`, print the summary."""
+"""``msp`` console script: compose the Hydra config (schemas: :mod:`msp.config`), check it once, run, print the summary."""
 from __future__ import annotations
 
 import logging
@@ -7,73 +7,66 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from msp.config import register_configs
+from msp.errors import MspError
 
 log = logging.getLogger("msp")
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+register_configs()  # the schemas conf/ builds on, before Hydra composes anything
 
 
 def spec_from_config(cfg: DictConfig):
-    """Turn the composed config into a validated :class:`msp.run.RunSpec` (no weights loaded)."""
-    from msp.masks import Pattern, PatternError
+    """Turn the composed config into a :class:`msp.run.RunSpec` (no weights loaded). A sparsity outside [0, 1) is
+    an error; a fixed N:M pattern (``pattern=2:4``) sets the sparsity to 1 - N/M."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from msp.allocation.budget import check_target
+    from msp.masks import Pattern
     from msp.run import ConfigError, RunSpec
     from msp.sweep import config_hash_of
 
-    try:
-        pattern = Pattern.parse(str(cfg.pattern))
-    except PatternError as exc:
-        raise ConfigError(str(exc)) from None
-    sparsity = cfg.sparsity
+    pattern = Pattern.parse(cfg.pattern)
+    sparsity = check_target(cfg.sparsity, "sparsity")
     if pattern.kind == "nm":
+        if abs(pattern.fixed_sparsity() - sparsity) > 1e-9:
+            log.info("pattern=%s fixes every layer at %.3f sparsity; sparsity=%s is replaced", pattern, pattern.fixed_sparsity(), sparsity)
         sparsity = pattern.fixed_sparsity()
-    pruner_cfg = OmegaConf.to_container(cfg.pruner, resolve=True)
     try:
         pruner = instantiate(cfg.pruner)
-    except Exception as exc:  # hydra wraps the constructor's ValueError
-        cause = exc.__cause__ or exc
-        raise ConfigError(str(cause)) from None
-    container = lambda node: OmegaConf.to_container(node, resolve=True) if node is not None else None  # noqa: E731
+    except InstantiationException as exc:  # the constructor refused an option value (pruner.saliency=foo)
+        if not isinstance(exc.__cause__, ValueError):
+            raise
+        raise ConfigError(str(exc.__cause__)) from None
+    container = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
     return RunSpec(
-        model=str(cfg.model.name),
-        model_revision=cfg.model.get("revision"),
-        pruner=pruner,
-        pruner_config=pruner_cfg,
-        sparsity=float(sparsity) if isinstance(sparsity, (int, float)) else sparsity,
-        pattern=pattern,
-        allocation=container(cfg.allocation),
-        data=container(cfg.data),
-        eval=container(cfg.eval),
-        seed=int(cfg.seed),
-        device=str(cfg.device),
-        dtype=str(cfg.dtype),
-        batch_size=int(cfg.batch_size),
-        true_sequential=bool(cfg.get("true_sequential", False)),
-        save_model=bool(cfg.save_model),
-        cache_dir=str(cfg.cache_dir) if cfg.cache_dir else None,
-        use_cache=bool(cfg.use_cache),
-        zeroshot=container(cfg.get("zeroshot")),
-        experiment=str(cfg.get("experiment", "default")),
-        config_hash=config_hash_of(cfg),
-        streaming=str(cfg.get("streaming", "auto")).lower(),
-        gpu_budget_gb=float(cfg.gpu_budget_gb) if cfg.get("gpu_budget_gb") is not None else None,
-        export=container(cfg.get("export")),
+        model=cfg.model.name, model_revision=cfg.model.revision, model_loader=cfg.model.loader, max_seqlen=cfg.model.max_seqlen,
+        pruner=pruner, pruner_config=container(cfg.pruner), sparsity=sparsity, pattern=pattern, allocation=container(cfg.allocation),
+        data=container(cfg.data), eval=container(cfg.eval), seed=cfg.seed, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
+        true_sequential=cfg.true_sequential, save_model=cfg.save_model, cache_dir=cfg.cache_dir or None, use_cache=cfg.use_cache,
+        zeroshot=container(cfg.zeroshot), experiment=cfg.experiment, config_hash=config_hash_of(cfg), streaming=str(cfg.streaming).lower(),
+        gpu_budget_gb=float(cfg.gpu_budget_gb) if cfg.gpu_budget_gb is not None else None, export=container(cfg.export),
     )
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """msp's own error types: :class:`MspError`, and (until msp.export subclasses it) the export error."""
+    from msp.export import ExportError
+
+    return (MspError, ExportError)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> float | None:
-    from msp.allocation import AllocationError
-    from msp.data import DataError
-    from msp.device import DeviceError
-    from msp.masks import PatternError
-    from msp.models import ModelError
-    from msp.run import ConfigError, run, summary_table
+    from msp.results import summary_table
+    from msp.run import run, validate_early
     from msp.tracking import make_tracker
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.get("skip_done"):
+    if cfg.skip_done:
         from msp.sweep import skip_if_done
 
         if skip_if_done(cfg, run_dir):
@@ -82,15 +75,13 @@ def app(cfg: DictConfig) -> float | None:
     failed = True
     try:
         spec = spec_from_config(cfg)
-        from msp.run import validate_early
-
-        validate_early(spec)
+        validate_early(spec)  # the one value check, before any weights are loaded
         tracker = make_tracker(OmegaConf.to_container(cfg.logger, resolve=True))
-        tracker.start(OmegaConf.to_container(cfg, resolve=True), run_dir, name=run_dir.name, group=str(cfg.get("experiment", "default")),
+        tracker.start(OmegaConf.to_container(cfg, resolve=True), run_dir, name=run_dir.name, group=spec.experiment,
                       tags=[spec.model, spec.pruner.name, str(spec.pattern), str(spec.allocation.get("method")), f"s{spec.sparsity}"])
         results = run(spec, run_dir, tracker)
         failed = False
-    except (ConfigError, DataError, DeviceError, PatternError, ModelError, AllocationError, ValueError) as exc:
+    except user_errors() as exc:  # msp's own errors are the user's to fix: one line; anything else is a bug: its traceback
         log.error("%s", exc)
         print(f"msp: error: {exc}", file=sys.stderr)
         print(f"msp: no results written; run directory: {run_dir}", file=sys.stderr)
@@ -102,8 +93,7 @@ def app(cfg: DictConfig) -> float | None:
             tracker.finish(failed=failed)
     print(summary_table(results))
     print(f"\nresults: {run_dir / 'results.json'}")
-    first = next(iter(results["ppl"].values()), None)
-    return first
+    return next(iter(results["ppl"].values()), None)
 
 
 def main() -> None:

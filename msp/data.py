@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from msp.errors import MspError
+
 log = logging.getLogger(__name__)
 
 EMBEDDED = ("book", "wiki")
@@ -29,7 +31,7 @@ HUB = ("wikitext2", "c4", "ptb")
 SOURCES = EMBEDDED + HUB
 
 
-class DataError(ValueError):
+class DataError(MspError):
     """Text that cannot give the windows asked for; the message says how to fix it."""
 
 

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from msp.errors import MspError
 
-class PatternError(ValueError):
+
+class PatternError(MspError):
     """A sparsity pattern that cannot be used (bad syntax, N ≥ M, M not dividing a layer)."""
 
 
@@ -83,16 +85,6 @@ class Pattern:
             )
 
 
-def check_sparsity(value: float, what: str = "sparsity") -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what}={value!r} is not a number; give a float in [0, 1), e.g. {what}=0.5") from None
-    if not (0.0 <= v < 1.0) or math.isnan(v):
-        raise ValueError(f"{what}={value} is outside [0, 1); give the fraction of weights to remove, e.g. {what}=0.5")
-    return v
-
-
 def prune_count(numel_per_row: int, sparsity: float) -> int:
     """Weights removed from a row of ``numel_per_row`` weights at ``sparsity`` (round half to even avoided)."""
     return int(math.floor(sparsity * numel_per_row + 0.5))
@@ -146,9 +138,3 @@ def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: Pattern) ->
 
 def sparsity_of(weight: torch.Tensor) -> float:
     return 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
-
-
-def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Zero the pruned weights in place (on the weight's own device)."""
-    weight.mul_(mask.to(weight.dtype))
-    return weight

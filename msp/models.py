@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from msp.errors import MspError
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_SMOLLM2 = "smollm2-135m"
@@ -22,7 +24,7 @@ TINY_MODELS = ("tiny-llama", "tiny-opt")
 _PRISTINE: dict[tuple[str, torch.dtype], "LoadedModel"] = {}
 
 
-class ModelError(ValueError):
+class ModelError(MspError):
     """The model cannot be found or loaded; the message says how to fix it."""
 
 
@@ -106,14 +108,23 @@ def build_tiny_model(kind: str, seed: int = 0, dtype: torch.dtype = torch.float3
     return LoadedModel(model, ByteTokenizer(), kind, _max_positions(config))
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, revision: str | None = None) -> LoadedModel:
-    """``smollm2-135m`` (embedded GGUF, dequantised), ``tiny-llama`` / ``tiny-opt`` (random, seeded), or any
-    Hugging Face causal LM by hub name or local folder."""
+#: loader of the built-in names when the caller does not say (``model.loader`` of conf/model/*.yaml does)
+BUILTIN_LOADERS = {EMBEDDED_SMOLLM2: "gguf", **{name: "tiny" for name in TINY_MODELS}}
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, revision: str | None = None, loader: str = "auto") -> LoadedModel:
+    """Load ``name`` with ``loader``: ``tiny`` (``tiny-llama`` / ``tiny-opt``, random, seeded), ``gguf`` (the embedded
+    SmolLM2-135M GGUF, dequantised), ``hf`` (any Hugging Face causal LM by hub name or local folder); ``auto``: the
+    built-in names' own loader, else ``hf``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name in TINY_MODELS:
+    if loader == "auto":
+        loader = BUILTIN_LOADERS.get(name, "hf")
+    if loader not in ("tiny", "gguf", "hf"):
+        raise ModelError(f"model.loader={loader!r} is unknown; valid: hf, gguf, tiny")
+    if loader == "tiny":
         return build_tiny_model(name, seed, dtype)
-    if name == EMBEDDED_SMOLLM2:
+    if loader == "gguf":
         pristine = _PRISTINE.get((name, dtype))
         if pristine is None:
             folder, gguf = embedded_smollm2_path()
@@ -206,10 +217,6 @@ def prunable_layers(model: nn.Module) -> dict[str, nn.Linear]:
 def layer_block_index(layer_name: str, prefix: str) -> int:
     rest = layer_name[len(prefix) + 1 :]
     return int(rest.split(".", 1)[0])
-
-
-def input_embeddings_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def save_pruned_model(loaded: LoadedModel, folder: Path) -> None:

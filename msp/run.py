@@ -1,12 +1,13 @@
-"""One msp run: validate → load model and data → dense PPL → allocation → prune → PPL → results.json.
+"""One msp run as a sequence of stages: load → data → dense eval → allocation → prune → eval → zero-shot → export → results.
 
-Library code with typed inputs; :mod:`msp.cli` only composes the Hydra config and calls :func:`run`.
+Library code with typed inputs; :mod:`msp.cli` composes the Hydra config, checks it once (:func:`validate_early`)
+and calls :func:`run`. Each stage is a small function; the stage meter records its time, and the results document
+(:class:`msp.results.RunResults`) is built once at the end.
 """
 from __future__ import annotations
 
 import logging
-import math
-import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -16,23 +17,26 @@ from typing import Any
 import torch
 
 from msp import data as data_mod
-from msp.allocation import Allocation
-from msp.allocation.build import AllocationContext, build_allocation
+from msp.allocation.budget import check_target
+from msp.allocation.build import Allocated, AllocationContext, build_allocation, check_allocation_options
 from msp.cache import DiskCache, cache_key
 from msp.device import StageMeter, is_gpu, resolve_device, resolve_devices, resolve_dtype
+from msp.errors import MspError
 from msp.eval.perplexity import perplexity
 from msp.io import write_json_atomic
-from msp.masks import Pattern, check_sparsity
-from msp.models import EMBEDDED_SMOLLM2, TINY_MODELS, LoadedModel, load_model, prunable_layers, save_pruned_model
+from msp.masks import Pattern
+from msp.models import LoadedModel, load_model, prunable_layers, save_pruned_model
 from msp.prune import check_pattern_fits, prune_, weighted_sparsity
-from msp.streaming import StreamingError, plan_streaming
+from msp.results import RunResults
+from msp.sensitivity import SensitivityReport
+from msp.streaming import StreamingError, StreamingPlan, plan_streaming
 from msp.streaming import parse_mode as parse_streaming_mode
 from msp.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(MspError):
     """A run configuration that cannot work; raised before any heavy work."""
 
 
@@ -44,7 +48,7 @@ class RunSpec:
     model_revision: str | None
     pruner: Any  # a msp.pruners.Pruner
     pruner_config: dict
-    sparsity: float
+    sparsity: float  # in [0, 1); a fixed N:M pattern's 1 - N/M
     pattern: Pattern
     allocation: dict
     data: dict
@@ -63,6 +67,8 @@ class RunSpec:
     gpu_budget_gb: float | None = None  # device memory budget for streaming decisions (None: the GPU's free memory)
     export: dict | None = None  # {"semi_structured": bool}: pack 2:4 layers (msp.export) at the end of the run
     true_sequential: bool = False  # prune inside each block's forward, the calibration set as one batch (msp.prune.prune_)
+    model_loader: str = "auto"  # model.loader: hf | gguf | tiny (auto: from the name)
+    max_seqlen: int | None = None  # model.max_seqlen: the context checked before loading (None: checked after loading)
 
 
 def prune_batch_size(spec: RunSpec) -> int:
@@ -71,13 +77,8 @@ def prune_batch_size(spec: RunSpec) -> int:
 
 
 def validate_early(spec: RunSpec) -> None:
-    """Everything that can be checked before loading weights."""
-    try:
-        check_sparsity(spec.sparsity, "sparsity")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if spec.pattern.kind == "nm" and abs(spec.pattern.fixed_sparsity() - spec.sparsity) > 1e-9 and spec.allocation.get("method") == "uniform":
-        log.info("pattern=%s fixes every layer at %.3f sparsity; sparsity=%s is ignored", spec.pattern, spec.pattern.fixed_sparsity(), spec.sparsity)
+    """Every value check that can run before loading weights, once (types and keys were checked at compose time)."""
+    check_target(spec.sparsity, "sparsity")
     d = spec.data
     if int(d["nsamples"]) < 1:
         raise ConfigError(f"data.nsamples={d['nsamples']}: need at least 1 calibration window")
@@ -88,32 +89,15 @@ def validate_early(spec: RunSpec) -> None:
             raise ConfigError(f"unknown dataset {src!r}; valid: {', '.join(data_mod.SOURCES)}")
     if int(spec.batch_size) < 1:
         raise ConfigError(f"batch_size={spec.batch_size}: need at least 1")
-    from msp.allocation.build import check_allocation_options
-
-    check_allocation_options(dict(spec.allocation), spec.sparsity, spec.pattern)  # bounds, N:M grid, allocation file
-    if spec.model in (EMBEDDED_SMOLLM2, *TINY_MODELS):
-        max_len = 8192 if spec.model == EMBEDDED_SMOLLM2 else 512
-        data_mod.check_seqlen(int(d["seqlen"]), max_len)
+    check_allocation_options(dict(spec.allocation), spec.sparsity, spec.pattern)  # keys, bounds, N:M grid, allocation file
+    if spec.max_seqlen is not None:
+        data_mod.check_seqlen(int(d["seqlen"]), spec.max_seqlen)
     if spec.pattern.is_nm:  # N:M must divide every layer: check on a weightless skeleton where the config is local
         from msp.models import skeleton_layers
 
         for name, lin in (skeleton_layers(spec.model) or {}).items():
             spec.pattern.check_divides(name, lin.in_features)
-    resolve_dtype(spec.dtype, resolve_device(spec.device))  # device=cuda without a GPU, bf16 on an old GPU: fail now
-    resolve_devices(spec.eval.get("devices"))  # eval.devices naming a GPU that is not there: fail now
-    try:
-        parse_streaming_mode(spec.streaming)
-    except StreamingError as exc:
-        raise ConfigError(str(exc)) from None
-    device = resolve_device(spec.device)
-    if spec.gpu_budget_gb is not None or is_gpu(device):  # a model or block too big for the budget: fail before loading
-        from msp.models import skeleton_model
-
-        skeleton = skeleton_model(spec.model)
-        if skeleton is not None:
-            plan_streaming(skeleton.to(resolve_dtype(spec.dtype, device)), device, spec.streaming, spec.gpu_budget_gb,
-                           batch_size=prune_batch_size(spec), seqlen=int(d["seqlen"]), nsamples=int(d["nsamples"]),
-                           need_hessian=bool(getattr(spec.pruner, "needs_hessian", False)))
+    _check_devices_and_memory(spec)
     if (spec.export or {}).get("semi_structured"):
         from msp.export import ExportError, check_export_pattern
 
@@ -127,181 +111,231 @@ def validate_early(spec: RunSpec) -> None:
         check_tasks(list(spec.zeroshot["tasks"]), spec.zeroshot.get("include_path"))  # a typo fails before pruning
 
 
+def _check_devices_and_memory(spec: RunSpec) -> None:
+    """device=cuda without a GPU, bf16 on an old GPU, eval.devices naming a missing GPU, an unknown streaming mode,
+    a model or block too big for the memory budget (planned on a weightless skeleton): fail before loading."""
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    resolve_devices(spec.eval.get("devices"))
+    try:
+        parse_streaming_mode(spec.streaming)
+    except StreamingError as exc:
+        raise ConfigError(str(exc)) from None
+    if spec.gpu_budget_gb is not None or is_gpu(device):
+        from msp.models import skeleton_model
+
+        skeleton = skeleton_model(spec.model)
+        if skeleton is not None:
+            d = spec.data
+            plan_streaming(skeleton.to(dtype), device, spec.streaming, spec.gpu_budget_gb, batch_size=prune_batch_size(spec),
+                           seqlen=int(d["seqlen"]), nsamples=int(d["nsamples"]), need_hessian=bool(getattr(spec.pruner, "needs_hessian", False)))
+
+
+@dataclass
+class Evaluator:
+    """How perplexity is measured in this run: the function (resident or streamed) and the input device, or the
+    model spread over ``eval.devices`` for the duration of one evaluation stage."""
+
+    model: torch.nn.Module
+    ppl_fn: Callable
+    device: torch.device
+    devices: list[torch.device]
+    batch_size: int
+
+    @contextmanager
+    def on_devices(self) -> Iterator[tuple[Callable, torch.device]]:
+        """(perplexity function, input device): the run's own, or the model spread over ``eval.devices``."""
+        if not self.devices:
+            yield self.ppl_fn, self.device
+            return
+        from msp.eval.multi_device import spread_over
+
+        with spread_over(self.model, self.devices) as first:
+            yield perplexity, first
+
+
+@dataclass
+class RunData:
+    calibration_ids: torch.Tensor  # (nsamples, seqlen) calibration windows
+    heldout_tokens: torch.Tensor  # the calibration text's held-out tail (search fitness)
+    eval_windows: dict[str, torch.Tensor]  # dataset → (windows, seqlen)
+
+
 def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
-    """Execute one run and write ``run_dir/results.json`` (atomically). Returns the results dict."""
+    """Execute one run (checked beforehand by :func:`validate_early`) and write ``run_dir/results.json``
+    (atomically). Returns the results document (:meth:`msp.results.RunResults.to_json`)."""
     tracker = tracker or Tracker()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    validate_early(spec)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     torch.manual_seed(spec.seed)
     meter = StageMeter(device)
     cache = DiskCache(spec.cache_dir, enabled=spec.use_cache)
-    d = spec.data
-    seqlen, nsamples = int(d["seqlen"]), int(d["nsamples"])
-    started = time.perf_counter()
-
-    with meter.stage("load_model"):
-        loaded: LoadedModel = load_model(spec.model, dtype=dtype, seed=spec.seed, revision=spec.model_revision)
-        data_mod.check_seqlen(seqlen, loaded.max_seqlen)
-        check_pattern_fits(loaded.model, spec.pattern)
-        plan = plan_streaming(loaded.model, device, spec.streaming, spec.gpu_budget_gb, batch_size=prune_batch_size(spec),
-                              seqlen=seqlen, nsamples=nsamples, need_hessian=bool(getattr(spec.pruner, "needs_hessian", False)))
-        if not plan.stream:
-            loaded.model.to(device)  # streaming keeps the model on the CPU; msp.pipeline moves one block at a time
-    model = loaded.model
-    ppl_fn = partial(perplexity, plan=plan)  # streamed or resident, as the plan says
-    eval_devices = resolve_devices(spec.eval.get("devices"))
-
-    @contextmanager
-    def evaluation_devices():
-        """(perplexity function, input device): the run's own, or the model spread over ``eval.devices``."""
-        if not eval_devices:
-            yield ppl_fn, device
-            return
-        from msp.eval.multi_device import spread_over
-
-        with spread_over(model, eval_devices) as first:
-            yield perplexity, first
     model_key = {"model": spec.model, "revision": spec.model_revision, "dtype": str(dtype)}
-
-    with meter.stage("data"):
-        calib_tokens = _tokens(cache, loaded, d["calibration"], "train", model_key)
-        split = data_mod.split_calibration(calib_tokens, float(d.get("heldout_fraction", 0.1)))
-        calibration_ids = data_mod.random_windows(split.calibration_tokens, nsamples, seqlen, spec.seed)
-        eval_windows = {
-            name: data_mod.sequential_windows(_tokens(cache, loaded, name, "test", model_key), seqlen, d.get("eval_windows"))
-            for name in d.get("evaluation", [])
-        }
-
-    skip_eval = bool(spec.eval.get("skip", False))
-    eval_bs = int(spec.eval.get("batch_size", 1))
-    dense_ppl: dict[str, float] = {}
-    if not skip_eval and spec.eval.get("dense", True):
-        with meter.stage("dense_eval"), evaluation_devices() as (ppl_of, eval_device):
-            for name, windows in eval_windows.items():
-                key = cache_key("dense_ppl", **model_key, dataset=name, seqlen=seqlen, windows=int(windows.shape[0]))
-                dense_ppl[name] = float(cache.get_or_compute(key, lambda w=windows: ppl_of(model, w, eval_device, eval_bs, f"dense ppl {name}")))
-                log.info("dense perplexity on %s: %.3f", name, dense_ppl[name])
-
-    dense_zs: dict = {}
-    if spec.zeroshot and spec.zeroshot.get("tasks") and spec.zeroshot.get("dense"):
-        from msp.eval.zeroshot import dense_zeroshot  # lazy: lm-eval is heavy
-
-        with meter.stage("dense_zeroshot"):  # before pruning; cached like the dense perplexity
-            dense_zs = dense_zeroshot(model, loaded.tokenizer, spec.zeroshot, cache, model_key)
-
-    layers = prunable_layers(model)
-    ctx = AllocationContext(
-        model=model, layers=layers, target=spec.sparsity, pattern=spec.pattern, device=device, pruner=spec.pruner,
-        calibration_ids=calibration_ids, heldout_tokens=split.heldout_tokens, seqlen=seqlen, seed=spec.seed,
-        cache=cache, cache_fields={**model_key, "data": d["calibration"], "nsamples": nsamples, "seqlen": seqlen, "seed": spec.seed},
-        run_dir=run_dir, batch_size=spec.batch_size, tracker=tracker, plan=plan,
-    )
-    with meter.stage("allocation"):
-        outcome = build_allocation(ctx, dict(spec.allocation))
-    allocation: Allocation = outcome.allocation
-    allocation.save(run_dir / "allocation.json")
-    sensitivity = outcome.sensitivity
-    if sensitivity is not None:
-        write_json_atomic(run_dir / "sensitivity.json", sensitivity.to_json())
-
-    with meter.stage("prune"):
-        reports = prune_(model, spec.pruner, allocation, calibration_ids, device, spec.pattern, spec.batch_size, store_device=plan.store,
-                         true_sequential=spec.true_sequential)
-    measured = weighted_sparsity(reports)
-    log.info("measured sparsity (parameter-weighted over %d Linear layers): %.4f", len(reports), measured)
-
-    ppl: dict[str, float] = {}
-    if not skip_eval:
-        with meter.stage("eval"), evaluation_devices() as (ppl_of, eval_device):
-            for name, windows in eval_windows.items():
-                ppl[name] = ppl_of(model, windows, eval_device, eval_bs, f"pruned ppl {name}")
-                log.info("pruned perplexity on %s: %.3f", name, ppl[name])
-
-    results: dict[str, Any] = {
-        "model": spec.model,
-        "pruner": spec.pruner.name,
-        "pruner_config": spec.pruner_config,
-        "pattern": str(spec.pattern),
-        "allocation": allocation.method,
-        "target_sparsity": allocation.target,  # the file's target for allocation=file
-        "sparsity": measured,
-        "dense_ppl": dense_ppl,
-        "ppl": ppl,
-        "layers": [
-            {**r.to_json(), **({"sensitivity": sensitivity.values.get(r.name)} if sensitivity is not None else {})}
-            for r in reports
-        ],
-        "data": {"calibration": d["calibration"], "evaluation": list(d.get("evaluation", [])), "nsamples": nsamples,
-                 "seqlen": seqlen, "eval_windows": {k: int(v.shape[0]) for k, v in eval_windows.items()}},
-        "seed": spec.seed,
-        "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
-        "timings": meter.timings,
-        "peak_memory_bytes": meter.peak_bytes,
-        "peak_memory_by_stage": meter.peak_memory,
-        "streaming": plan.to_json(),
-        "eval_devices": [str(d) for d in eval_devices] or [str(device)],
-        "true_sequential": spec.true_sequential,
-        "cache": {"hits": cache.hits, "misses": cache.misses},
-        "experiment": spec.experiment,
-        "config_hash": spec.config_hash,
-    }
-    if outcome.search is not None:
-        results["search"] = outcome.search
-    if sensitivity is not None:
-        results["sensitivity_method"] = sensitivity.method
-        results["sensitivity_seconds"] = sensitivity.seconds
-    if dense_zs:
-        results["dense_zeroshot"] = dense_zs
-    if spec.zeroshot and spec.zeroshot.get("tasks"):
-        from msp.eval.zeroshot import run_zeroshot  # lazy: lm-eval is heavy
-
-        zs_device = device
-        if plan.stream:  # lm-eval needs the whole model on one device: the CPU, where a streamed model lives
-            zs_device = torch.device("cpu")
-            log.warning("streaming: zero-shot evaluation runs on the CPU (the model does not fit %s)", device)
-            model.to(zs_device)
-        with meter.stage("zeroshot"):
-            results.update(run_zeroshot(model, loaded.tokenizer, spec.zeroshot, zs_device))  # zeroshot, zeroshot_source
-        results["timings"] = meter.timings
-    if spec.save_model:
-        with meter.stage("save_model"):
-            save_pruned_model(loaded, run_dir / "model")
-        results["saved_model"] = str(run_dir / "model")
-    if (spec.export or {}).get("semi_structured"):
-        from msp.export import export_run  # last: on a GPU it converts the model's 2:4 layers in place
-
-        with meter.stage("export"):
-            results["export"] = export_run(model, loaded.tokenizer, run_dir / "model-2of4", calibration_ids[:1])
-        results["timings"] = meter.timings
-    results["timings"]["total"] = time.perf_counter() - started
-    results["peak_memory_bytes"] = meter.peak_bytes
+    # the stages every run has are metered here; those a config can switch off meter themselves when they run, so
+    # ``timings`` names exactly the stages that ran ("total" last, the whole sequence)
+    with meter.stage("total"):
+        with meter.stage("load_model"):
+            loaded, plan = load_stage(spec, device, dtype)
+        evaluator = make_evaluator(spec, loaded.model, device, plan)
+        with meter.stage("data"):
+            data = data_stage(spec, loaded, cache, model_key)
+        dense_ppl = dense_eval_stage(spec, evaluator, data, cache, model_key, meter)
+        dense_zs = dense_zeroshot_stage(spec, loaded, cache, model_key, meter)
+        with meter.stage("allocation"):
+            outcome = allocation_stage(spec, loaded.model, device, data, cache, model_key, plan, run_dir, tracker)
+        with meter.stage("prune"):
+            reports = prune_(loaded.model, spec.pruner, outcome.allocation, data.calibration_ids, device, spec.pattern, spec.batch_size,
+                             store_device=plan.store, true_sequential=spec.true_sequential)
+        measured = weighted_sparsity(reports)
+        log.info("measured sparsity (parameter-weighted over %d Linear layers): %.4f", len(reports), measured)
+        ppl = eval_stage(spec, evaluator, data, meter)
+        zeroshot = zeroshot_stage(spec, loaded, device, plan, meter)
+        saved = save_stage(spec, loaded, run_dir, meter)
+        export = export_stage(spec, loaded, data, run_dir, meter)
+    results = RunResults(
+        model=spec.model, pruner=spec.pruner.name, pruner_config=spec.pruner_config, pattern=str(spec.pattern),
+        allocation=outcome.allocation.method, target_sparsity=outcome.allocation.target, sparsity=measured, dense_ppl=dense_ppl, ppl=ppl,
+        layers=layer_rows(reports, outcome.sensitivity), data=data_summary(spec, data), seed=spec.seed, device=str(device),
+        dtype=str(dtype).replace("torch.", ""), timings=meter.timings, peak_memory_bytes=meter.peak_bytes,
+        peak_memory_by_stage=meter.peak_memory, streaming=plan.to_json(), eval_devices=[str(d) for d in evaluator.devices] or [str(device)],
+        true_sequential=spec.true_sequential, cache={"hits": cache.hits, "misses": cache.misses}, experiment=spec.experiment,
+        config_hash=spec.config_hash, search=outcome.search,
+        sensitivity_method=outcome.sensitivity.method if outcome.sensitivity is not None else None,
+        sensitivity_seconds=outcome.sensitivity.seconds if outcome.sensitivity is not None else None,
+        dense_zeroshot=dense_zs, zeroshot=zeroshot, saved_model=saved, export=export,
+    ).to_json()
     write_json_atomic(run_dir / "results.json", results)
     tracker.log_results(results, run_dir)
     return results
 
 
-def _tokens(cache: DiskCache, loaded: LoadedModel, source: str, split: str, model_key: dict) -> torch.Tensor:
+def load_stage(spec: RunSpec, device: torch.device, dtype: torch.dtype) -> tuple[LoadedModel, StreamingPlan]:
+    """The model, checked against the data and the pattern, and the streaming plan (resident models moved now)."""
+    loaded = load_model(spec.model, dtype=dtype, seed=spec.seed, revision=spec.model_revision, loader=spec.model_loader)
+    data_mod.check_seqlen(int(spec.data["seqlen"]), loaded.max_seqlen)
+    check_pattern_fits(loaded.model, spec.pattern)
+    plan = plan_streaming(loaded.model, device, spec.streaming, spec.gpu_budget_gb, batch_size=prune_batch_size(spec),
+                          seqlen=int(spec.data["seqlen"]), nsamples=int(spec.data["nsamples"]),
+                          need_hessian=bool(getattr(spec.pruner, "needs_hessian", False)))
+    if not plan.stream:
+        loaded.model.to(device)  # streaming keeps the model on the CPU; msp.pipeline moves one block at a time
+    return loaded, plan
+
+
+def make_evaluator(spec: RunSpec, model: torch.nn.Module, device: torch.device, plan: StreamingPlan) -> Evaluator:
+    ppl_fn = partial(perplexity, plan=plan)  # streamed or resident, as the plan says
+    return Evaluator(model, ppl_fn, device, resolve_devices(spec.eval.get("devices")), int(spec.eval.get("batch_size", 1)))
+
+
+def data_stage(spec: RunSpec, loaded: LoadedModel, cache: DiskCache, model_key: dict) -> RunData:
+    d = spec.data
+    seqlen = int(d["seqlen"])
+    split = data_mod.split_calibration(tokens_of(cache, loaded, d["calibration"], "train", model_key), float(d.get("heldout_fraction", 0.1)))
+    calibration_ids = data_mod.random_windows(split.calibration_tokens, int(d["nsamples"]), seqlen, spec.seed)
+    eval_windows = {
+        name: data_mod.sequential_windows(tokens_of(cache, loaded, name, "test", model_key), seqlen, d.get("eval_windows"))
+        for name in d.get("evaluation", [])
+    }
+    return RunData(calibration_ids, split.heldout_tokens, eval_windows)
+
+
+def dense_eval_stage(spec: RunSpec, evaluator: Evaluator, data: RunData, cache: DiskCache, model_key: dict, meter: StageMeter) -> dict[str, float]:
+    """The dense model's perplexity per dataset (cached across runs); {} with ``eval.skip`` or ``eval.dense=false``."""
+    dense_ppl: dict[str, float] = {}
+    if spec.eval.get("skip", False) or not spec.eval.get("dense", True):
+        return dense_ppl
+    seqlen = int(spec.data["seqlen"])
+    with meter.stage("dense_eval"), evaluator.on_devices() as (ppl_of, eval_device):
+        for name, windows in data.eval_windows.items():
+            key = cache_key("dense_ppl", **model_key, dataset=name, seqlen=seqlen, windows=int(windows.shape[0]))
+            dense_ppl[name] = float(cache.get_or_compute(
+                key, lambda w=windows: ppl_of(evaluator.model, w, eval_device, evaluator.batch_size, f"dense ppl {name}")))
+            log.info("dense perplexity on %s: %.3f", name, dense_ppl[name])
+    return dense_ppl
+
+
+def dense_zeroshot_stage(spec: RunSpec, loaded: LoadedModel, cache: DiskCache, model_key: dict, meter: StageMeter) -> dict:
+    if not (spec.zeroshot and spec.zeroshot.get("tasks") and spec.zeroshot.get("dense")):
+        return {}
+    from msp.eval.zeroshot import dense_zeroshot  # lazy: lm-eval is heavy
+
+    with meter.stage("dense_zeroshot"):  # before pruning; cached like the dense perplexity
+        return dense_zeroshot(loaded.model, loaded.tokenizer, spec.zeroshot, cache, model_key)
+
+
+def allocation_stage(spec: RunSpec, model: torch.nn.Module, device: torch.device, data: RunData, cache: DiskCache, model_key: dict,
+                     plan: StreamingPlan, run_dir: Path, tracker: Tracker) -> Allocated:
+    """The allocation (written to ``allocation.json``) and its sensitivity report (``sensitivity.json``)."""
+    d = spec.data
+    ctx = AllocationContext(
+        model=model, layers=prunable_layers(model), target=spec.sparsity, pattern=spec.pattern, device=device, pruner=spec.pruner,
+        calibration_ids=data.calibration_ids, heldout_tokens=data.heldout_tokens, seqlen=int(d["seqlen"]), seed=spec.seed, cache=cache,
+        cache_fields={**model_key, "data": d["calibration"], "nsamples": int(d["nsamples"]), "seqlen": int(d["seqlen"]), "seed": spec.seed},
+        run_dir=run_dir, batch_size=spec.batch_size, tracker=tracker, plan=plan,
+    )
+    outcome = build_allocation(ctx, dict(spec.allocation))
+    outcome.allocation.save(run_dir / "allocation.json")
+    if outcome.sensitivity is not None:
+        write_json_atomic(run_dir / "sensitivity.json", outcome.sensitivity.to_json())
+    return outcome
+
+
+def eval_stage(spec: RunSpec, evaluator: Evaluator, data: RunData, meter: StageMeter) -> dict[str, float]:
+    ppl: dict[str, float] = {}
+    if spec.eval.get("skip", False):
+        return ppl
+    with meter.stage("eval"), evaluator.on_devices() as (ppl_of, eval_device):
+        for name, windows in data.eval_windows.items():
+            ppl[name] = ppl_of(evaluator.model, windows, eval_device, evaluator.batch_size, f"pruned ppl {name}")
+            log.info("pruned perplexity on %s: %.3f", name, ppl[name])
+    return ppl
+
+
+def zeroshot_stage(spec: RunSpec, loaded: LoadedModel, device: torch.device, plan: StreamingPlan, meter: StageMeter) -> dict | None:
+    """lm-eval on the pruned model: ``{"zeroshot": ..., "zeroshot_source": ...}``, or None without tasks."""
+    if not (spec.zeroshot and spec.zeroshot.get("tasks")):
+        return None
+    from msp.eval.zeroshot import run_zeroshot  # lazy: lm-eval is heavy
+
+    zs_device = device
+    if plan.stream:  # lm-eval needs the whole model on one device: the CPU, where a streamed model lives
+        zs_device = torch.device("cpu")
+        log.warning("streaming: zero-shot evaluation runs on the CPU (the model does not fit %s)", device)
+        loaded.model.to(zs_device)
+    with meter.stage("zeroshot"):
+        return run_zeroshot(loaded.model, loaded.tokenizer, spec.zeroshot, zs_device)
+
+
+def save_stage(spec: RunSpec, loaded: LoadedModel, run_dir: Path, meter: StageMeter) -> str | None:
+    if not spec.save_model:
+        return None
+    with meter.stage("save_model"):
+        save_pruned_model(loaded, run_dir / "model")
+    return str(run_dir / "model")
+
+
+def export_stage(spec: RunSpec, loaded: LoadedModel, data: RunData, run_dir: Path, meter: StageMeter) -> dict | None:
+    if not (spec.export or {}).get("semi_structured"):
+        return None
+    from msp.export import export_run  # last: on a GPU it converts the model's 2:4 layers in place
+
+    with meter.stage("export"):
+        return export_run(loaded.model, loaded.tokenizer, run_dir / "model-2of4", data.calibration_ids[:1])
+
+
+def layer_rows(reports: list, sensitivity: SensitivityReport | None) -> list[dict]:
+    return [{**r.to_json(), **({"sensitivity": sensitivity.values.get(r.name)} if sensitivity is not None else {})} for r in reports]
+
+
+def data_summary(spec: RunSpec, data: RunData) -> dict:
+    d = spec.data
+    return {"calibration": d["calibration"], "evaluation": list(d.get("evaluation", [])), "nsamples": int(d["nsamples"]),
+            "seqlen": int(d["seqlen"]), "eval_windows": {k: int(v.shape[0]) for k, v in data.eval_windows.items()}}
+
+
+def tokens_of(cache: DiskCache, loaded: LoadedModel, source: str, split: str, model_key: dict) -> torch.Tensor:
+    """The tokenized text of one data source and split (cached per model)."""
     key = cache_key("tokens", **model_key, source=source, split=split)
     return cache.get_or_compute(key, lambda: data_mod.tokenize(loaded.tokenizer, data_mod.source_text(source, split)))
-
-
-def summary_table(results: dict) -> str:
-    """A short human-readable table of the run's perplexities and timings."""
-    lines = [
-        f"model={results['model']} pruner={results['pruner']} pattern={results['pattern']} allocation={results['allocation']}",
-        f"target sparsity {results['target_sparsity']:.3f}, measured {results['sparsity']:.4f}",
-        "",
-        f"{'dataset':<12}{'dense ppl':>12}{'pruned ppl':>12}",
-    ]
-    for name in results["ppl"] or results["dense_ppl"]:
-        dense = results["dense_ppl"].get(name, math.nan)
-        pruned = results["ppl"].get(name, math.nan)
-        lines.append(f"{name:<12}{dense:>12.3f}{pruned:>12.3f}")
-    lines.append("")
-    lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in results["timings"].items()))
-    lines.append(f"peak memory: {results['peak_memory_bytes'] / 2**30:.2f} GiB")
-    return "\n".join(lines)

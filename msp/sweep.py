@@ -18,7 +18,13 @@ log = logging.getLogger(__name__)
 OUTPUT_ONLY_KEYS = ("cache_dir", "use_cache", "skip_done", "done_dirs", "logger", "experiment", "zeroshot.data_dir")
 #: options added after runs were recorded, at the value that reproduces the earlier behaviour: dropped from the hash
 #: at that value, so finished runs still count as done; any other value is part of the hash as usual
-NEUTRAL_DEFAULTS = {"true_sequential": False, "eval.devices": None}
+NEUTRAL_DEFAULTS = {"true_sequential": False, "eval.devices": None, "eval.skip": False}
+#: facts about ``model.name`` carried by the ``model=`` entries (msp.config.ModelConfig), added after runs were
+#: recorded: they follow from the name and do not change a run's numbers
+MODEL_FACTS = ("model.loader", "model.max_seqlen", "model.licence")
+#: an experiment's search budget; earlier configs carried it as ``allocation.generations`` on every allocation
+#: (the other allocators ignored it), so it is hashed there
+SEARCH_GENERATIONS = "search_generations"
 RESULTS = "results.json"
 SKIPPED = "skipped.json"
 
@@ -34,12 +40,41 @@ def _drop(tree: dict, dotted: str) -> None:
         node.pop(leaf, None)
 
 
+def _drop_unused_zeroshot_options(tree: dict) -> None:
+    """Without zero-shot tasks the other ``zeroshot.*`` options are unused; those at their schema default are left
+    out (earlier ``zeroshot=none`` configs had only ``tasks``, plus what an experiment overlay set)."""
+    from dataclasses import fields
+
+    from msp.config import ZeroshotConfig
+
+    node = tree.get("zeroshot")
+    if not isinstance(node, dict) or node.get("tasks"):
+        return
+    defaults = {f.name: getattr(ZeroshotConfig(), f.name) for f in fields(ZeroshotConfig)}
+    for key in [k for k in node if k != "tasks" and k in defaults and node[k] == defaults[k]]:
+        del node[key]
+
+
+def _drop_unset_survivors(tree: dict) -> None:
+    """The search's last stage has no survivors: the schema (msp.search.settings.StageConfig) writes
+    ``survivors: null`` where the earlier YAML wrote nothing."""
+    stages = (tree.get("allocation") or {}).get("stages") if isinstance(tree.get("allocation"), dict) else None
+    for stage in stages if isinstance(stages, list) else []:
+        if isinstance(stage, dict) and "survivors" in stage and stage["survivors"] is None:
+            del stage["survivors"]
+
+
 def config_hash(config: dict) -> str:
     """sha256 (first 16 hex digits) of the resolved config as canonical JSON, minus :data:`OUTPUT_ONLY_KEYS`."""
     tree = json.loads(json.dumps(config, default=str))
     tree.pop("hydra", None)
-    for key in OUTPUT_ONLY_KEYS:
+    for key in (*OUTPUT_ONLY_KEYS, *MODEL_FACTS):
         _drop(tree, key)
+    generations = tree.pop(SEARCH_GENERATIONS, None)
+    if generations not in (None, "???") and isinstance(tree.get("allocation"), dict):
+        tree["allocation"].setdefault("generations", generations)
+    _drop_unused_zeroshot_options(tree)
+    _drop_unset_survivors(tree)
     for key, neutral in NEUTRAL_DEFAULTS.items():
         *parents, leaf = key.split(".")
         node: Any = tree
@@ -55,7 +90,7 @@ def config_hash_of(cfg) -> str:
     interpolations (``cache_dir`` → ``${hydra:runtime.cwd}``) need no Hydra context."""
     from omegaconf import OmegaConf, open_dict
 
-    cfg = cfg.copy()
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # plain nodes: a schema's keys cannot be deleted
     with open_dict(cfg):
         for key in OUTPUT_ONLY_KEYS:
             *parents, leaf = key.split(".")

@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from msp.errors import MspError
+
 log = logging.getLogger(__name__)
 
 
@@ -72,4 +74,4 @@ def make_tracker(options: dict | None) -> Tracker:
         from msp.tracking_wandb import WandbTracker  # lazy: wandb is heavy
 
         return SafeTracker(WandbTracker(**{k: v for k, v in options.items() if k != "name"}))
-    raise ValueError(f"unknown logger {name!r}; valid: none, wandb")
+    raise MspError(f"unknown logger {name!r}; valid: none, wandb (e.g. logger=wandb)")

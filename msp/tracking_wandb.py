@@ -12,12 +12,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from msp.errors import MspError
+
 log = logging.getLogger(__name__)
 
 MODES = ("offline", "online", "disabled")
 
 
-class TrackerError(ValueError):
+class TrackerError(MspError):
     """The logger cannot be set up as configured; the message names the fix."""
 
 

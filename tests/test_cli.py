@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+_HYDRA_FULL = {**__import__("os").environ, "HYDRA_FULL_ERROR": "1"}
 
 
 def msp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -54,6 +55,7 @@ def test_cli_true_sequential_prunes_in_one_pass_to_the_target(tmp_path):
     "args, message",
     [
         (["sparsity=1.2"], "outside [0, 1)"),
+        (["sparsity=1.5", "pattern=2:4"], "sparsity=1.5 is outside [0, 1)"),  # a fixed pattern does not hide a bad sparsity
         (["pattern=4:4"], "need 0 < N < M"),
         (["pattern=2:5"], "not a multiple of M=5"),
         (["data.seqlen=4096"], "longer than the model's context"),
@@ -74,6 +76,20 @@ def test_bad_input_fails_with_one_clear_line_and_no_results(tmp_path, args, mess
     errors = [l for l in proc.stderr.splitlines() if l.startswith("msp: error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert not (run_dir / "results.json").exists()
+
+
+def test_a_bug_shows_its_traceback_not_a_one_line_error(tmp_path):
+    """Only msp's own errors (MspError) become `msp: error:`; anything else is a bug and keeps its traceback."""
+    code = ("import sys, msp.run\n"
+            "def broken(*a, **k): raise RuntimeError('a bug in a stage')\n"
+            "msp.run.run = broken\n"
+            "from msp.cli import main\n"
+            "sys.argv = ['msp', 'model=tiny-llama', 'data=tiny', 'hydra.run.dir=run', 'cache_dir=c']\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=_HYDRA_FULL)
+    assert proc.returncode != 0
+    assert "RuntimeError: a bug in a stage" in proc.stderr and "Traceback" in proc.stderr
+    assert "msp: error:" not in proc.stderr
 
 
 def test_unknown_group_option_lists_valid_choices(tmp_path):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msp.masks import Pattern, PatternError, check_sparsity, mask_from_scores, nm_mask, topk_row_mask
+from msp.allocation.budget import check_target
+from msp.masks import Pattern, PatternError, mask_from_scores, nm_mask, topk_row_mask
 from msp.pruners import LayerStats, MagnitudePruner, SparseGPTPruner, WandaPruner
 
 W = torch.tensor([[0.5, -2.0, 1.0, 0.1, -0.3, 3.0, -0.8, 0.05]])
@@ -84,7 +85,7 @@ def test_pattern_must_divide_the_layer():
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, float("nan"), "abc"])
 def test_sparsity_outside_unit_interval(value):
     with pytest.raises(ValueError, match=r"\[0, 1\)|not a number"):
-        check_sparsity(value)
+        check_target(value)
 
 
 def test_sparsegpt_counts_are_exact_for_the_layer():

@@ -427,12 +427,15 @@ def test_bad_search_input_fails_before_heavy_work(tmp_path, override, message):
     ],
 )
 def test_search_options_are_checked_before_the_model_is_loaded(override, pattern, message):
-    import yaml
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     from msp.allocation.build import check_allocation_options
     from msp.cli import CONF_DIR
 
-    options = {**yaml.safe_load(open(f"{CONF_DIR}/allocation/msp.yaml")), **override}
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # the shipped allocation=msp, composed on its schema
+        shipped = OmegaConf.to_container(compose(config_name="config", overrides=["allocation=msp", "cache_dir=/tmp/x"]).allocation, resolve=True)
+    options = {**shipped, **override}
     check_allocation_options({k: v for k, v in options.items() if k not in override}, 0.7, Pattern.parse(pattern))  # the shipped defaults pass
     with pytest.raises(AllocationError) as err:
         check_allocation_options(options, 0.7, Pattern.parse(pattern))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 from omegaconf import OmegaConf
 
 from msp.allocation.base import AllocationError
@@ -17,9 +16,14 @@ UNSTRUCTURED = Pattern.parse("unstructured")
 
 
 def _shipped() -> dict:
+    """The composed ``allocation=msp`` node (conf/allocation/msp.yaml on its schema), as a plain dict."""
+    from hydra import compose, initialize_config_dir
+
     from msp.cli import CONF_DIR
 
-    return yaml.safe_load(open(f"{CONF_DIR}/allocation/msp.yaml"))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["allocation=msp", "cache_dir=/tmp/msp-test-cache"])
+    return OmegaConf.to_container(cfg.allocation, resolve=True)
 
 
 def test_the_shipped_yaml_picks_exactly_the_schema_defaults():

@@ -25,35 +25,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from msp.allocation.base import Allocation, AllocationError
-from msp.allocation.budget import expand_blocks, fit_to_budget, round_to_levels, weighted_mean
-from msp.allocation.build import Allocated, AllocationContext, bounds_from, register
+from msp.allocation.budget import fit_to_budget, round_to_levels, weighted_mean
+from msp.allocation.build import Allocated, AllocationContext, bounds_from, typed_options
 from msp.models import find_blocks, layer_block_index
 
 log = logging.getLogger(__name__)
-
-GRANULARITIES = ("layer", "block")
-SIGNALS = ("hessian", "fisher")
-
-
-def _granularity(options: Mapping[str, Any], default: str) -> str:
-    g = str(options.get("granularity") or default)
-    if g not in GRANULARITIES:
-        raise AllocationError(f"allocation.granularity={g!r} is unknown; valid: {', '.join(GRANULARITIES)}")
-    return g
-
-
-def _float_option(options: Mapping[str, Any], key: str, default: float, *, positive: bool = False) -> float:
-    value = options.get(key, default)
-    if value is None:
-        value = default
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise AllocationError(f"allocation.{key}={value!r} is not a number, e.g. allocation.{key}={default}") from None
-    if math.isnan(v) or v < 0 or (positive and v == 0):
-        raise AllocationError(f"allocation.{key}={value} must be {'positive' if positive else 'non-negative'}, e.g. allocation.{key}={default}")
-    return v
-
 
 def fixed_pattern_allocation(ctx: AllocationContext, method: str) -> Allocation | None:
     """Under a fixed N:M pattern (e.g. 2:4) every layer is pruned N:M, so there is nothing to allocate."""
@@ -153,13 +129,14 @@ def _sensitivity_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: options[k] for k in ("nsamples", "normalize", "probes", "seed", "M") if k in options and options[k] is not None}
 
 
-def _sensitivity_allocator(ctx: AllocationContext, options: dict, method: str, signal: str, default_granularity: str) -> Allocated:
+def _sensitivity_allocator(ctx: AllocationContext, options: dict, method: str, signal: str) -> Allocated:
     from msp.sensitivity import compute_sensitivity
 
     fixed = fixed_pattern_allocation(ctx, method)
     if fixed is not None:
         return Allocated(fixed)
-    granularity = _granularity(options, default_granularity)
+    typed = typed_options(options)  # the schema's defaults (msp.config) for what options leaves out
+    granularity = str(typed.granularity)
     bounds = bounds_from(options, ctx.target)
     unit_params, layer_unit = units_of(ctx, granularity)
     sens_options = _sensitivity_options(options)
@@ -169,48 +146,34 @@ def _sensitivity_allocator(ctx: AllocationContext, options: dict, method: str, s
     normalized = signal == "owl" or bool(sens_options.get("normalize", True))
     unit_sens = unit_sensitivity(sens, layer_unit, ctx.params, normalized)
     meta: dict[str, Any] = {"granularity": granularity, "signal": signal, "bounds": list(bounds), "sensitivity_options": sens_options}
-    if method == "owl":
-        lam = _float_option(options, "lambda", 0.08)
-        raw = owl_map(unit_sens, ctx.target, lam)
-        meta["lambda"] = lam
-    elif method == "rank":
-        alpha = _float_option(options, "alpha", 0.1)
-        raw = rank_map(unit_sens, ctx.target, alpha)
-        meta["alpha"] = alpha
-    else:
-        beta = _float_option(options, "beta", 0.05)
-        raw = zscore_map(unit_sens, ctx.target, beta)
-        meta["beta"] = beta
+    # the raw map: owl's lambda, rank's alpha, the z-score's beta
+    key, raw_map = {"owl": ("lambda", owl_map), "rank": ("alpha", rank_map)}.get(method, ("beta", zscore_map))
+    width = float(typed[key])
+    raw = raw_map(unit_sens, ctx.target, width)
+    meta[key] = width
     meta["unit_sensitivity"] = unit_sens
     return Allocated(finish(ctx, method, raw, unit_params, layer_unit, bounds, meta), sensitivity=report)
 
 
-@register("owl")
 def owl_allocator(ctx: AllocationContext, options: dict) -> Allocated:
     """OWL: block sparsities in target ± λ from the blocks' outlier ratios (``lambda``, ``M``)."""
-    return _sensitivity_allocator(ctx, options, "owl", "owl", "block")
+    return _sensitivity_allocator(ctx, options, "owl", "owl")
 
 
-@register("rank")
 def rank_allocator(ctx: AllocationContext, options: dict) -> Allocated:
     """arXiv 2310.09499 Algorithm 1: ranks by Hessian (or Fisher, ``signal``) trace mapped to target ± α."""
-    signal = str(options.get("signal") or "hessian")
-    if signal not in SIGNALS:
-        raise AllocationError(f"allocation.signal={signal!r} is unknown; valid: {', '.join(SIGNALS)}")
-    return _sensitivity_allocator(ctx, options, "rank", signal, "layer")
+    return _sensitivity_allocator(ctx, options, "rank", str(typed_options(options).signal))
 
 
-@register("fisher")
 def fisher_allocator(ctx: AllocationContext, options: dict) -> Allocated:
     """MSP: Fisher-trace z-score map (``beta``) re-centred on the budget."""
-    return _sensitivity_allocator(ctx, options, "fisher", "fisher", "layer")
+    return _sensitivity_allocator(ctx, options, "fisher", "fisher")
 
 
-@register("hessian")
 def hessian_allocator(ctx: AllocationContext, options: dict) -> Allocated:
     """Hutchinson Hessian-trace z-score map (``beta``) re-centred on the budget."""
-    return _sensitivity_allocator(ctx, options, "hessian", "hessian", "layer")
+    return _sensitivity_allocator(ctx, options, "hessian", "hessian")
 
 
 __all__ = ["owl_allocator", "rank_allocator", "fisher_allocator", "hessian_allocator", "zscore_map", "rank_map", "owl_map",
-           "units_of", "finish", "fixed_pattern_allocation", "expand_blocks"]
+           "units_of", "finish", "fixed_pattern_allocation"]

@@ -10,10 +10,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from msp.errors import MspError
 from msp.io import write_json_atomic
 
 
-class AllocationError(ValueError):
+class AllocationError(MspError):
     """An allocation that does not fit the model or the budget; the message says how to fix it."""
 
 

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def check_target(target: float, what: str = "sparsity") -> float:
-    """The target sparsity as a float in [0, 1), or an :class:`AllocationError` naming the fix."""
+    """The target sparsity as a float in [0, 1), or an :class:`AllocationError` naming the fix: msp's one
+    sparsity check (``sparsity=``, the allocators' targets, an allocation file's target)."""
     try:
         t = float(target)
     except (TypeError, ValueError):
@@ -177,9 +178,4 @@ def round_to_levels(
     return out, weighted_mean(out, params)
 
 
-def expand_blocks(block_values: Mapping[int, float], layer_blocks: Mapping[str, int]) -> dict[str, float]:
-    """Per-layer sparsities from per-block ones (every Linear of a block gets the block's value)."""
-    return {name: float(block_values[b]) for name, b in layer_blocks.items()}
-
-
-__all__ = ["check_target", "check_bounds", "fit_to_budget", "levels", "check_grid", "round_to_levels", "weighted_mean", "expand_blocks"]
+__all__ = ["check_target", "check_bounds", "fit_to_budget", "levels", "check_grid", "round_to_levels", "weighted_mean"]

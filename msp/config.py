@@ -1,0 +1,257 @@
+"""The config schemas: one dataclass per config group, registered with Hydra's ConfigStore.
+
+These dataclasses are the single place where msp's defaults live; the YAML files under ``conf/`` only pick values
+(``conf/data/tiny.yaml`` sets ``nsamples: 4``), and where a file picked nothing it is empty. Composing a config
+merges the YAML into its schema, so an unknown key (``allocation.lamda=0.1``), a typo'd nested key or a wrong type
+(``data.nsamples=abc``) fails at compose time naming the key. Value checks that need more than a type (ranges,
+N:M, bounds against the target) run once, in :func:`msp.run.validate_early`, before any weights are loaded.
+
+How defaults flow: schema (here) → YAML option (``conf/<group>/<option>.yaml``: values only) → command line →
+:class:`msp.run.RunSpec` (typed, validated) → the library, whose functions take typed arguments.
+
+The search's schema is the search's own :class:`msp.search.settings.SearchConfig`; it is registered for
+``allocation=msp`` (the search keeps the ``allocation=msp`` name and its ``allocation.*`` keys, which the command
+lines in the docs and experiments use). Every allocation schema is named in one table,
+:data:`msp.allocation.registry.ALLOCATORS`.
+
+Types are chosen so that a composed config of an existing command is unchanged, and so is its config hash
+(:func:`msp.sweep.config_hash`): e.g. ``owl``'s ``M`` stays an int when given as one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Union
+
+from omegaconf import MISSING
+
+
+# ---------------------------------------------------------------------------------------------------- model, data
+
+
+@dataclass
+class ModelConfig:
+    """``model=``: what differs between models. ``loader``, ``max_seqlen`` and ``licence`` are facts about
+    ``name`` (they do not change a run's numbers, so the config hash leaves them out)."""
+
+    name: str = MISSING  # smollm2-135m | tiny-llama | tiny-opt | a hub name | a local folder (model=hf model.name=...)
+    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    loader: str = "hf"  # hf (transformers, hub or folder) | gguf (the embedded SmolLM2 GGUF) | tiny (random, seeded)
+    max_seqlen: Optional[int] = None  # the model's context in tokens, checked before loading (null: read when loaded)
+    licence: Optional[str] = None  # the weights' licence, for the record
+
+
+@dataclass
+class DataConfig:
+    """``data=``: calibration and evaluation windows (embedded offline text by default, CPU-sized)."""
+
+    calibration: str = "book"  # book | wiki | wikitext2 | c4 | ptb
+    evaluation: List[str] = field(default_factory=lambda: ["wiki"])  # perplexity datasets
+    nsamples: int = 32  # calibration windows
+    seqlen: int = 512  # tokens per window (calibration and evaluation)
+    heldout_fraction: float = 0.1  # tail of the calibration text kept out of calibration, for search fitness
+    eval_windows: Optional[int] = 40  # evaluation windows per dataset (null: the whole split, the papers' protocol)
+
+
+@dataclass
+class EvalConfig:
+    """``eval=``: perplexity of the dense (cached across runs) and of the pruned model."""
+
+    dense: bool = True
+    batch_size: int = 1
+    devices: Any = None  # null: device=; [cuda:0,cuda:1] or all: spread the blocks over several GPUs
+    skip: bool = False  # true: no perplexity at all (eval=none)
+
+
+# ---------------------------------------------------------------------------------------------------- pruners
+
+
+@dataclass
+class MagnitudeConfig:
+    _target_: str = "msp.pruners.MagnitudePruner"
+
+
+@dataclass
+class WandaConfig:
+    _target_: str = "msp.pruners.WandaPruner"
+
+
+@dataclass
+class SparseGPTConfig:
+    """The defaults of :class:`msp.pruners.SparseGPTPruner`'s constructor (a test keeps the two equal)."""
+
+    _target_: str = "msp.pruners.SparseGPTPruner"
+    blocksize: int = 128  # columns per OBS block
+    percdamp: float = 0.01  # dampening: fraction of mean diag(H) added to the diagonal
+    saliency: str = "obs"  # obs (SparseGPT, w²/[H⁻¹]²) | isc (arXiv 2310.09499, w²·(H_jj + 1/[H⁻¹]²))
+    bits: Optional[int] = None  # null, or 2/3/4/8: joint GPTQ-style quantization of the kept weights
+
+
+# ---------------------------------------------------------------------------------------------------- allocations
+# one schema per allocator; a key another allocator reads (allocation=owl allocation.beta=...) is an error
+
+
+@dataclass
+class UniformAllocation:
+    method: str = "uniform"
+
+
+@dataclass
+class FileAllocation:
+    method: str = "file"
+    path: str = MISSING  # a previous run's allocation.json (or its run directory)
+
+
+@dataclass
+class FisherAllocation:
+    method: str = "fisher"
+    beta: float = 0.05  # sparsity change per standard deviation of log-sensitivity
+    granularity: str = "layer"  # layer | block
+    min: float = 0.0
+    max: float = 0.99
+    nsamples: Optional[int] = None  # calibration windows for the trace (null: all data.nsamples)
+    normalize: bool = True  # divide each trace by the layer's parameter count
+
+
+@dataclass
+class HessianAllocation(FisherAllocation):
+    method: str = "hessian"
+    probes: int = 2  # Rademacher probes per window
+    seed: Optional[int] = None  # probe seed (null: the run's seed)
+
+
+@dataclass
+class RankAllocation:
+    method: str = "rank"
+    signal: str = "hessian"  # hessian (Hutchinson trace) | fisher (empirical Fisher trace)
+    alpha: float = 0.1  # half-width of the sparsity range around the target
+    granularity: str = "layer"
+    min: float = 0.0
+    max: float = 0.99
+    nsamples: Optional[int] = None
+    normalize: bool = True
+    probes: int = 2  # hessian only
+    seed: Optional[int] = None  # hessian only
+
+
+# OWL's option is called ``lambda`` (the paper's λ), a Python keyword: the dataclass is built from a namespace and
+# without the generated methods that would spell ``self.lambda``; OmegaConf only reads its fields.
+OwlAllocation = dataclass(init=False, repr=False, eq=False)(type("OwlAllocation", (), {
+    "__doc__": "OWL: block sparsities in target ± lambda from the blocks' outlier ratios (scores above M × mean).",
+    "__module__": __name__,
+    "__annotations__": {"method": str, "lambda": float, "M": Union[int, float], "granularity": str, "min": float, "max": float},
+    "method": "owl", "lambda": 0.08, "M": 5, "granularity": "block", "min": 0.0, "max": 0.99,
+}))
+
+
+# ---------------------------------------------------------------------------------------------------- eval, logger
+
+
+@dataclass
+class ZeroshotConfig:
+    """lm-eval zero-shot tasks, in-process on the pruned model object; none by default (``zeroshot=none``), the
+    papers' seven with ``zeroshot=paper``. With no tasks the other options are unused (and left out of the hash)."""
+
+    tasks: List[str] = field(default_factory=list)  # any lm-eval task names
+    num_fewshot: int = 0
+    limit: Optional[int] = None  # examples per task (the first N); null: the whole split
+    batch_size: int = 4  # lm-eval requests per forward
+    max_length: Optional[int] = None  # null: the model's max_position_embeddings
+    source: str = "auto"  # auto (hub if reachable, else embedded) | hub | embedded
+    include_path: Optional[List[str]] = None  # extra folders of lm-eval task YAMLs
+    mean_metric: str = "acc"  # results.json zeroshot.mean = mean of this metric over the tasks
+    bootstrap_iters: int = 1000
+    seed: int = 0
+    dense: bool = False  # true: also score the dense model before pruning (cached) → results.json dense_zeroshot
+    data_dir: str = "${cache_dir}/zeroshot"  # converted data (LAMBADA jsonl) reused across runs
+
+
+@dataclass
+class NoLogger:
+    name: str = "none"
+
+
+@dataclass
+class WandbLogger:
+    """Weights & Biases, offline by default (no network, no login; ``wandb sync`` later)."""
+
+    name: str = "wandb"
+    project: str = "msp"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    job_type: str = "prune"
+    log_artifacts: bool = True  # allocation.json as a W&B artifact
+    console: str = "off"  # off | auto | wrap
+
+
+@dataclass
+class ExportConfig:
+    semi_structured: bool = False  # true: pack the 2:4 layers to <run dir>/model-2of4 (needs pattern=2:4)
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class MspConfig:
+    """The top level. Group nodes typed ``Any`` get their schema from the chosen option's file (one per option)."""
+
+    model: ModelConfig = MISSING
+    pruner: Any = MISSING
+    allocation: Any = MISSING
+    data: DataConfig = MISSING
+    eval: EvalConfig = MISSING
+    logger: Any = MISSING
+    zeroshot: Any = MISSING
+    export: ExportConfig = field(default_factory=ExportConfig)
+    sparsity: float = 0.5  # target: parameter-weighted mean sparsity in [0, 1); a fixed N:M pattern sets it to 1 - N/M
+    pattern: str = "unstructured"  # unstructured | N:M (2:4, 4:8, ...) | N:M with a literal N (N:8: per-layer N)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (float32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    batch_size: int = 4  # calibration windows per forward through a block
+    true_sequential: bool = False  # prune each Linear inside its block's forward (later layers see pruned inputs)
+    streaming: Union[bool, str] = "auto"  # auto | true (one block at a time on the device) | false
+    gpu_budget_gb: Optional[Union[int, float]] = None  # device memory budget (GiB) for streaming; null: free memory
+    save_model: bool = False  # also write the pruned model (safetensors, dense with zeros) to the run dir
+    cache_dir: Optional[str] = "${oc.env:MSP_CACHE_DIR,${hydra:runtime.cwd}/.cache/msp}"  # shared by a sweep's jobs
+    use_cache: bool = True
+    skip_done: bool = False  # skip a job whose config hash matches a finished run (sweep dir, outputs/, done_dirs)
+    done_dirs: List[str] = field(default_factory=list)
+    experiment: str = "default"
+    # an experiment that sweeps allocation=msp next to other allocators sets the search's generations here
+    # (conf/allocation/msp.yaml reads it); unset otherwise. The config hash counts it as allocation.generations.
+    search_generations: int = MISSING
+
+
+#: group → option → schema, as registered (``conf/<group>/<option>.yaml`` lists ``schema_<option>`` first)
+GROUP_SCHEMAS: dict[str, dict[str, Any]] = {
+    "pruner": {"magnitude": MagnitudeConfig, "wanda": WandaConfig, "sparsegpt": SparseGPTConfig},
+    "zeroshot": {"zeroshot": ZeroshotConfig},
+    "logger": {"none": NoLogger, "wandb": WandbLogger},
+}
+
+
+def register_configs() -> None:
+    """Put every schema into Hydra's ConfigStore: ``msp_schema`` (the top level, first in ``conf/config.yaml``),
+    ``<group>/schema_<option>`` for the groups whose options have different keys, and ``allocation/schema_<method>``
+    for every allocator of :data:`msp.allocation.registry.ALLOCATORS` (the search's schema imported from it)."""
+    from hydra.core.config_store import ConfigStore
+
+    from msp.allocation.registry import ALLOCATORS, load
+
+    cs = ConfigStore.instance()
+    cs.store(name="msp_schema", node=MspConfig)
+    for group, options in GROUP_SCHEMAS.items():
+        for option, schema in options.items():
+            cs.store(group=group, name=f"schema_{option}", node=schema)
+    for method, entry in ALLOCATORS.items():
+        try:
+            schema = load(entry.schema)
+        except ImportError:  # an allocator whose package is not installed: allocation=<it> then fails to compose
+            continue
+        cs.store(group="allocation", name=f"schema_{method}", node=schema)
+
+
+__all__ = ["ModelConfig", "DataConfig", "EvalConfig", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "UniformAllocation",
+           "FileAllocation", "FisherAllocation", "HessianAllocation", "RankAllocation", "OwlAllocation",
+           "ZeroshotConfig", "NoLogger", "WandbLogger", "ExportConfig", "MspConfig", "register_configs"]
