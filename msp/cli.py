@@ -53,10 +53,8 @@ def spec_from_config(cfg: DictConfig):
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """msp's own error types: :class:`MspError`, and (until msp.export subclasses it) the export error."""
-    from msp.export import ExportError
-
-    return (MspError, ExportError)
+    """msp's own error types (:class:`MspError`): printed as one line; anything else keeps its traceback."""
+    return (MspError,)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -229,11 +229,14 @@ def test_streamed_logits_equal_the_full_forward(arch, one_thread):
     import torch
 
     from msp.models import build_tiny_model
-    from msp.pipeline import streamed_logits
+    from msp.pipeline import batch_logits
+    from msp.streaming import plan_streaming
 
     model = tiny_gemma3() if arch == "tiny-gemma3" else build_tiny_model(arch).model
     windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(input_ids=windows, use_cache=False).logits
-    streamed = torch.cat([logits for _, logits in streamed_logits(model, windows, torch.device("cpu"), batch_size=2)])
+    cpu = torch.device("cpu")
+    plan = plan_streaming(model, cpu, "true", batch_size=2, seqlen=32, nsamples=2)
+    streamed = torch.cat([logits for _, logits in batch_logits(model, windows, cpu, plan=plan, batch_size=2)])
     assert torch.allclose(streamed, full, atol=1e-5, rtol=1e-5), float((streamed - full).abs().max())
