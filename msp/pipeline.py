@@ -1,7 +1,9 @@
 """Block-by-block streaming: the one place that owns forward hooks and moves blocks between devices.
 
-1. ``capture_block_inputs`` runs the model up to its first decoder block on the calibration windows and
-   keeps what block 0 receives (hidden states and the keyword arguments: rotary embeddings, masks ...).
+1. ``capture_block_inputs`` runs the model's forward on the calibration windows with stand-ins in place of
+   the decoder blocks and keeps what block 0 receives (the hidden states) and what *every* block receives as
+   keyword arguments (rotary embeddings, masks ...): models with several layer types (Gemma-3: sliding-window
+   and full attention, each with its own RoPE and mask) give different blocks different ones.
 2. ``sequential_pass`` then visits each block in order: optionally collects per-Linear input statistics with
    hooks (always removed in ``finally``), hands them to a callback (which may prune the block's weights),
    and propagates the block's *current* (possibly pruned) outputs to the next block.
@@ -55,10 +57,19 @@ def block_on(block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
 
 @dataclass
 class BlockInputs:
-    """What the current block receives, one entry per batch of windows."""
+    """What the current block receives, one entry per batch of windows: ``hidden`` and ``kwargs`` (the current
+    block's keyword arguments; :meth:`enter` switches them to another block's). ``per_block[block][batch]``
+    holds every block's keyword arguments; blocks that receive the same tensors (one layer type) share one
+    stored dict, so a LLaMA stores one dict per batch and a Gemma-3 two."""
 
     hidden: list[torch.Tensor] = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
+    per_block: list[list[dict]] = field(default_factory=list)
+
+    def enter(self, block: int) -> None:
+        """Make ``kwargs`` block ``block``'s (a no-op when the per-block arguments were not captured)."""
+        if self.per_block:
+            self.kwargs = self.per_block[block]
 
 
 def move_non_block_modules(model: nn.Module, device: torch.device) -> None:
@@ -69,35 +80,55 @@ def move_non_block_modules(model: nn.Module, device: torch.device) -> None:
             m.to(device)
 
 
+def _stored_kwargs(kwargs: dict, seen: dict[tuple, tuple[dict, dict]], store_device: torch.device) -> dict:
+    """A block's keyword arguments without the hidden states and the cache, on ``store_device``; blocks given the
+    very same objects get the very same stored dict (``seen`` keeps the originals alive, so ids stay unique)."""
+    kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+    kw["use_cache"] = False
+    key = tuple((k, id(v)) for k, v in kw.items())
+    hit = seen.get(key)
+    if hit is None:
+        hit = seen[key] = (kw, to_device(kw, store_device))
+    return hit[1]
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device, store_device: torch.device
 ) -> BlockInputs:
-    """Run embeddings etc. on ``device`` and record the inputs of decoder block 0 for every batch."""
+    """Run embeddings etc. on ``device`` and record, for every batch, the hidden states block 0 receives and the
+    keyword arguments of every block (the result is entered at block 0, see :meth:`BlockInputs.enter`).
+
+    The blocks are replaced by stand-ins (:class:`_BlockStandIn`) that record their call and pass the hidden
+    states through, so no block runs; the last stand-in stops the forward before the final norm and lm_head.
+    """
     _, blocks = find_blocks(model)
     move_non_block_modules(model, device)
-    captured = BlockInputs()
+    captured = BlockInputs(per_block=[[] for _ in blocks])
+    seen: dict[tuple, tuple[dict, dict]] = {}
 
-    def catcher(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        kw.pop("past_key_values", None)
-        kw.pop("past_key_value", None)
-        kw["use_cache"] = False
-        captured.hidden.append(hidden.detach().to(store_device))
-        captured.kwargs.append(to_device(kw, store_device))
-        raise _StopForward
+    def recorder(i: int):
+        def record(args, kwargs):
+            if i == 0:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                captured.hidden.append(hidden.detach().to(store_device))
+            captured.per_block[i].append(_stored_kwargs(kwargs, seen, store_device))
+            if i == len(blocks) - 1:
+                raise _StopForward
 
-    handle = blocks[0].register_forward_pre_hook(catcher, with_kwargs=True)
-    try:
+        return record
+
+    stand_ins = [_BlockStandIn(b, tuple_out=False, record=recorder(i)) for i, b in enumerate(blocks)]
+    with _blocks_replaced(blocks, stand_ins):
         for start in range(0, input_ids.shape[0], batch_size):
             batch = input_ids[start : start + batch_size].to(device)
             try:
                 model(input_ids=batch, use_cache=False)
             except _StopForward:
                 pass
-    finally:
-        handle.remove()
+            finally:
+                seen.clear()
+    captured.enter(0)
     return captured
 
 
@@ -307,6 +338,8 @@ def sequential_pass(
     bar = tqdm(range(len(blocks)), desc=desc, unit="block", leave=False)
     for i in bar:
         next_inputs = propagate and i + 1 < len(blocks)
+        if inputs is not None:
+            inputs.enter(i)
         with block_on(blocks[i], device) as block:
             if inline and inputs is not None:
                 bar.set_description(f"{desc} {i + 1}/{len(blocks)}: pruning inline")
@@ -328,8 +361,8 @@ def sequential_pass(
 
 @dataclass
 class StreamedHidden:
-    """What :func:`stream_blocks` returns: the last block's outputs (``final.hidden``, per batch; ``final.kwargs``
-    are block 0's, which every block receives), the inputs of every block when asked for
+    """What :func:`stream_blocks` returns: the last block's outputs (``final.hidden``, per batch; every block's
+    keyword arguments in ``final.per_block[block][batch]``), the inputs of every block when asked for
     (``block_inputs[block][batch]``), and whether the blocks return tuples (OPT) or bare tensors (LLaMA)."""
 
     final: BlockInputs
@@ -360,6 +393,7 @@ def stream_blocks(
         with block_on(blocks[i], device) as block:
             if keep_all:
                 kept.append(state.hidden)
+            state.enter(i)
             outs = []
             for hidden, kw in zip(state.hidden, state.kwargs):
                 raw = block(hidden.to(device), **to_device(kw, device))
@@ -370,14 +404,15 @@ def stream_blocks(
 
 
 class _BlockStandIn(nn.Module):
-    """Takes a decoder block's place so that ``model(...)`` skips the blocks: returns ``value`` (the real last
-    block's output) when set, else passes its input through. Attribute reads fall back to the real block
-    (some models read e.g. ``attention_type`` from each layer)."""
+    """Takes a decoder block's place so that ``model(...)`` skips the blocks: calls ``record(args, kwargs)`` when
+    given one (it may stop the forward), then returns ``value`` (the real last block's output) when set, else its
+    input. Attribute reads fall back to the real block (some models read e.g. ``attention_type`` from each layer)."""
 
-    def __init__(self, original: nn.Module, tuple_out: bool):
+    def __init__(self, original: nn.Module, tuple_out: bool, record: Callable[[tuple, dict], None] | None = None):
         super().__init__()
         object.__setattr__(self, "_original", original)  # not a submodule: .to()/parameters() ignore it
         self.tuple_out = tuple_out
+        self.record = record
         self.value: torch.Tensor | None = None
 
     def __getattr__(self, name: str):
@@ -387,9 +422,24 @@ class _BlockStandIn(nn.Module):
             return getattr(object.__getattribute__(self, "_original"), name)
 
     def forward(self, *args, **kwargs):
+        if self.record is not None:
+            self.record(args, kwargs)
         hidden = args[0] if args else kwargs["hidden_states"]
         out = hidden if self.value is None else self.value
         return (out,) if self.tuple_out else out
+
+
+@contextmanager
+def _blocks_replaced(blocks: nn.ModuleList, stand_ins: list[_BlockStandIn]) -> Iterator[None]:
+    """Inside the context, ``stand_ins`` take the blocks' places; the real blocks are put back in ``finally``."""
+    originals = list(blocks)
+    try:
+        for i, s in enumerate(stand_ins):
+            blocks[i] = s
+        yield
+    finally:
+        for i, b in enumerate(originals):
+            blocks[i] = b
 
 
 @contextmanager
@@ -399,8 +449,7 @@ def head_from_hidden(model: nn.Module, tuple_out: bool) -> Iterator[Callable[[to
     blocks and applies its final norm and lm_head, so no architecture-specific head code is needed. Gradients
     flow to ``final_hidden`` when it requires them. The real blocks are put back in ``finally``."""
     _, blocks = find_blocks(model)
-    originals = list(blocks)
-    stand_ins = [_BlockStandIn(b, tuple_out) for b in originals]
+    stand_ins = [_BlockStandIn(b, tuple_out) for b in blocks]
 
     def logits_fn(input_ids: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor:
         stand_ins[-1].value = final_hidden
@@ -409,13 +458,8 @@ def head_from_hidden(model: nn.Module, tuple_out: bool) -> Iterator[Callable[[to
         finally:
             stand_ins[-1].value = None
 
-    try:
-        for i, s in enumerate(stand_ins):
-            blocks[i] = s
+    with _blocks_replaced(blocks, stand_ins):
         yield logits_fn
-    finally:
-        for i, b in enumerate(originals):
-            blocks[i] = b
 
 
 def window_passes(windows: torch.Tensor, windows_per_pass: int | None, batch_size: int = 1) -> Iterator[tuple[str, torch.Tensor]]:

@@ -210,20 +210,7 @@ def test_tiny_gemma3_layer_discovery():
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # tied: lm_head not prunable
 
 
-@pytest.mark.parametrize(
-    "arch",
-    [
-        "tiny-llama",
-        pytest.param(
-            "tiny-gemma3",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="msp.pipeline.capture_block_inputs reuses block 0's kwargs for every block; Gemma-3 gives its "
-                "full-attention layers another RoPE (θ=1e6 vs 1e4) and mask (no sliding window); fix in issue 10 wiring",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gemma3"])
 def test_streamed_logits_equal_the_full_forward(arch, one_thread):
     """Block-by-block streaming must reproduce the model's own forward (seqlen 32 > Gemma's sliding window 8)."""
     import torch

@@ -82,9 +82,10 @@ class _Pass:
     def block_input(self, i: int, n: int, requires_grad: bool) -> torch.Tensor:
         return self.streamed.block_inputs[i][n].to(self.device).detach().requires_grad_(requires_grad)
 
-    def run(self, block: nn.Module, h_in: torch.Tensor, n: int) -> torch.Tensor:
-        """Block output for sequence ``n`` from ``h_in`` (on the device), with the graph to ``h_in`` and the weights."""
-        return block_forward(block, h_in, self.streamed.final.kwargs[n], self.device)
+    def run(self, i: int, block: nn.Module, h_in: torch.Tensor, n: int) -> torch.Tensor:
+        """Block ``i``'s output for sequence ``n`` from ``h_in`` (on the device), with the graph to ``h_in`` and
+        the weights (block ``i``'s own keyword arguments: layer types differ in masks and rotary embeddings)."""
+        return block_forward(block, h_in, self.streamed.final.per_block[i][n], self.device)
 
     def head_loss(self, logits_fn, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(h_L requiring grad, ℓ_n): sequence ``n``'s mean next-token cross-entropy as a function of h_L."""
@@ -135,7 +136,7 @@ def _fisher_backward(run: _Pass, grads_out: list[torch.Tensor], acc: dict[str, t
             weights = [lin.weight for _, lin in pairs]
             for n in range(run.chunk.shape[0]):
                 h_in = run.block_input(i, n, i > 0)
-                out = run.run(block, h_in, n)
+                out = run.run(i, block, h_in, n)
                 targets = weights + ([h_in] if i > 0 else [])
                 if not targets:
                     continue
@@ -209,7 +210,7 @@ def _tangent_forward(run: _Pass, z: _Probes, desc: str) -> list[list[torch.Tenso
                     nxt.append(None)
                     continue
                 h_in = run.block_input(i, n, h_dot is not None)
-                out = run.run(block, h_in, n)
+                out = run.run(i, block, h_in, n)
                 u = torch.zeros_like(out, requires_grad=True)
                 wrt = [lin.weight for _, lin in pairs] + ([h_in] if h_dot is not None else [])
                 vjp = torch.autograd.grad(out, wrt, grad_outputs=u, create_graph=True, allow_unused=True)
@@ -264,7 +265,7 @@ def _hessian_backward_step(
     n, _p = z.pairs[k]
     need_h = i > 0
     h_in = run.block_input(i, n, need_h)
-    out = run.run(block, h_in, n)
+    out = run.run(i, block, h_in, n)
     wrt = [lin.weight for _, lin in pairs] + ([h_in] if need_h else [])
     if not wrt:
         return
