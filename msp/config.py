@@ -38,6 +38,7 @@ class ModelConfig:
     loader: str = "hf"  # hf (transformers, hub or folder) | gguf (the embedded SmolLM2 GGUF) | tiny (random, seeded)
     max_seqlen: Optional[int] = None  # the model's context in tokens, checked before loading (null: read when loaded)
     licence: Optional[str] = None  # the weights' licence, for the record
+    bos_per_window: bool = False  # every calibration, fitness and evaluation window starts with the BOS token (Gemma needs it)
 
 
 @dataclass

@@ -146,30 +146,51 @@ def split_calibration(tokens: torch.Tensor, heldout_fraction: float) -> Calibrat
     return CalibrationSplit(tokens, cut)
 
 
-def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets (SparseGPT/Wanda calibration). (n, seqlen)."""
+def window_bos(tokenizer, bos_per_window: bool) -> int | None:
+    """The token id every window starts with under ``model.bos_per_window=true`` (None when false)."""
+    if not bos_per_window:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise DataError("model.bos_per_window=true but the tokenizer has no BOS token; set model.bos_per_window=false")
+    return int(bos)
+
+
+def _with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """``windows`` (n, seqlen - 1) with a column of ``bos`` in front; unchanged when ``bos`` is None."""
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
+def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, bos: int | None = None) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets (SparseGPT/Wanda calibration). (n, seqlen).
+    With ``bos`` every window is ``bos`` followed by ``seqlen - 1`` tokens of text."""
     if nsamples < 1:
         raise DataError(f"data.nsamples={nsamples}: need at least one calibration window, e.g. data.nsamples=32")
     if seqlen < 2:
         raise DataError(f"data.seqlen={seqlen}: need at least 2 tokens per window")
-    if len(tokens) <= seqlen:
+    body = seqlen - (bos is not None)
+    if len(tokens) <= body:
         raise DataError(
             f"the calibration text has {len(tokens)} tokens, too short for windows of seqlen={seqlen}; "
             f"lower data.seqlen or use a larger source"
         )
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(tokens) - seqlen, (nsamples,), generator=gen)
-    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, len(tokens) - body, (nsamples,), generator=gen)
+    return _with_bos(torch.stack([tokens[s : s + body] for s in starts.tolist()]), bos)
 
 
-def sequential_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping ``seqlen`` windows from the start (the perplexity protocol). (n, seqlen)."""
-    n = len(tokens) // seqlen
+def sequential_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None, bos: int | None = None) -> torch.Tensor:
+    """Non-overlapping ``seqlen`` windows from the start (the perplexity protocol). (n, seqlen).
+    With ``bos`` every window is ``bos`` followed by the next ``seqlen - 1`` tokens of text."""
+    body = seqlen - (bos is not None)
+    n = len(tokens) // body if body > 0 else 0
     if n == 0:
         raise DataError(f"the evaluation text has {len(tokens)} tokens, fewer than one window of seqlen={seqlen}; lower the seqlen")
     if max_windows is not None and max_windows > 0:
         n = min(n, int(max_windows))
-    return tokens[: n * seqlen].reshape(n, seqlen)
+    return _with_bos(tokens[: n * body].reshape(n, body), bos)
 
 
 def check_seqlen(seqlen: int, max_seqlen: int, what: str = "data.seqlen") -> None:

@@ -23,11 +23,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from msp.models import ModelError
+from msp.models import EMBEDDED_GEMMA3, ModelError
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_GEMMA3 = "gemma3-270m"
 INSTALL_HINT = "bash install.sh --gemma"
 _CHUNK = 1 << 20
 

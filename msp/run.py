@@ -25,7 +25,7 @@ from msp.errors import MspError
 from msp.eval.perplexity import perplexity
 from msp.io import write_json_atomic
 from msp.masks import Pattern
-from msp.models import LoadedModel, load_model, prunable_layers, save_pruned_model
+from msp.models import EMBEDDED_GEMMA3, LoadedModel, load_model, prunable_layers, save_pruned_model
 from msp.prune import check_pattern_fits, prune_, weighted_sparsity
 from msp.results import RunResults
 from msp.sensitivity import SensitivityReport
@@ -69,6 +69,7 @@ class RunSpec:
     true_sequential: bool = False  # prune inside each block's forward, the calibration set as one batch (msp.prune.prune_)
     model_loader: str = "auto"  # model.loader: hf | gguf | tiny (auto: from the name)
     max_seqlen: int | None = None  # model.max_seqlen: the context checked before loading (None: checked after loading)
+    bos_per_window: bool = False  # model.bos_per_window: every window starts with the tokenizer's BOS token
 
 
 def prune_batch_size(spec: RunSpec) -> int:
@@ -90,6 +91,10 @@ def validate_early(spec: RunSpec) -> None:
     if int(spec.batch_size) < 1:
         raise ConfigError(f"batch_size={spec.batch_size}: need at least 1")
     check_allocation_options(dict(spec.allocation), spec.sparsity, spec.pattern)  # keys, bounds, N:M grid, allocation file
+    if spec.model == EMBEDDED_GEMMA3 and spec.model_loader in ("auto", "gguf"):
+        from msp.embedded_gemma import check_gemma_assets
+
+        check_gemma_assets()  # the chunk wheels are installed (no hashing yet): one line naming install.sh --gemma
     if spec.max_seqlen is not None:
         data_mod.check_seqlen(int(d["seqlen"]), spec.max_seqlen)
     if spec.pattern.is_nm:  # N:M must divide every layer: check on a weightless skeleton where the config is local
@@ -159,6 +164,7 @@ class RunData:
     calibration_ids: torch.Tensor  # (nsamples, seqlen) calibration windows
     heldout_tokens: torch.Tensor  # the calibration text's held-out tail (search fitness)
     eval_windows: dict[str, torch.Tensor]  # dataset → (windows, seqlen)
+    bos: int | None = None  # the token every window starts with (model.bos_per_window), None: plain token stream
 
 
 def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
@@ -173,6 +179,8 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
     meter = StageMeter(device)
     cache = DiskCache(spec.cache_dir, enabled=spec.use_cache)
     model_key = {"model": spec.model, "revision": spec.model_revision, "dtype": str(dtype)}
+    if spec.bos_per_window:  # other windows: other cached statistics and dense perplexities (other keys unchanged)
+        model_key["bos_per_window"] = True
     # the stages every run has are metered here; those a config can switch off meter themselves when they run, so
     # ``timings`` names exactly the stages that ran ("total" last, the whole sequence)
     with meter.stage("total"):
@@ -232,13 +240,14 @@ def make_evaluator(spec: RunSpec, model: torch.nn.Module, device: torch.device, 
 def data_stage(spec: RunSpec, loaded: LoadedModel, cache: DiskCache, model_key: dict) -> RunData:
     d = spec.data
     seqlen = int(d["seqlen"])
+    bos = data_mod.window_bos(loaded.tokenizer, spec.bos_per_window)
     split = data_mod.split_calibration(tokens_of(cache, loaded, d["calibration"], "train", model_key), float(d.get("heldout_fraction", 0.1)))
-    calibration_ids = data_mod.random_windows(split.calibration_tokens, int(d["nsamples"]), seqlen, spec.seed)
+    calibration_ids = data_mod.random_windows(split.calibration_tokens, int(d["nsamples"]), seqlen, spec.seed, bos=bos)
     eval_windows = {
-        name: data_mod.sequential_windows(tokens_of(cache, loaded, name, "test", model_key), seqlen, d.get("eval_windows"))
+        name: data_mod.sequential_windows(tokens_of(cache, loaded, name, "test", model_key), seqlen, d.get("eval_windows"), bos=bos)
         for name in d.get("evaluation", [])
     }
-    return RunData(calibration_ids, split.heldout_tokens, eval_windows)
+    return RunData(calibration_ids, split.heldout_tokens, eval_windows, bos)
 
 
 def dense_eval_stage(spec: RunSpec, evaluator: Evaluator, data: RunData, cache: DiskCache, model_key: dict, meter: StageMeter) -> dict[str, float]:
@@ -273,7 +282,7 @@ def allocation_stage(spec: RunSpec, model: torch.nn.Module, device: torch.device
         model=model, layers=prunable_layers(model), target=spec.sparsity, pattern=spec.pattern, device=device, pruner=spec.pruner,
         calibration_ids=data.calibration_ids, heldout_tokens=data.heldout_tokens, seqlen=int(d["seqlen"]), seed=spec.seed, cache=cache,
         cache_fields={**model_key, "data": d["calibration"], "nsamples": int(d["nsamples"]), "seqlen": int(d["seqlen"]), "seed": spec.seed},
-        run_dir=run_dir, batch_size=spec.batch_size, tracker=tracker, plan=plan,
+        run_dir=run_dir, batch_size=spec.batch_size, tracker=tracker, plan=plan, bos_token_id=data.bos,
     )
     outcome = build_allocation(ctx, dict(spec.allocation))
     outcome.allocation.save(run_dir / "allocation.json")

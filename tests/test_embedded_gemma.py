@@ -183,18 +183,11 @@ def test_real_gemma_loads_and_is_sane(tmp_path):
 
 def tiny_gemma3(seed: int = 0):
     """A random Gemma3ForCausalLM with Gemma-3-270M's features (1 KV head, q/k norms, tied and scaled embeddings,
-    sliding + full attention layers with different RoPE bases), small enough for a unit test; no download."""
-    import torch
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+    sliding + full attention layers with different RoPE bases), small enough for a unit test; no download
+    (``model=tiny-gemma3`` of :func:`msp.models.build_tiny_model`)."""
+    from msp.models import build_tiny_model
 
-    config = Gemma3TextConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, sliding_window=8, max_position_embeddings=512, tie_word_embeddings=True,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config).eval()
+    return build_tiny_model("tiny-gemma3", seed).model
 
 
 def test_tiny_gemma3_layer_discovery():

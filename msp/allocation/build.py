@@ -40,6 +40,7 @@ class AllocationContext:
     batch_size: int = 4
     tracker: Any = None
     plan: Any = None  # msp.streaming.StreamingPlan of the run (None: resident); streamed stages read it
+    bos_token_id: int | None = None  # model.bos_per_window: the search's fitness windows start with it too
 
 
     @property

@@ -172,7 +172,7 @@ def fitness_windows(ctx: AllocationContext, settings: Settings) -> tuple[torch.T
     max_pos = getattr(getattr(ctx.model, "config", None), "max_position_embeddings", None)
     if isinstance(max_pos, int) and seqlen > max_pos:
         raise AllocationError(f"allocation.fitness_seqlen={seqlen} is longer than the model's context ({max_pos}); use allocation.fitness_seqlen<={max_pos}")
-    return data_mod.sequential_windows(heldout, seqlen, max(windows_per_stage)), windows_per_stage
+    return data_mod.sequential_windows(heldout, seqlen, max(windows_per_stage), bos=ctx.bos_token_id), windows_per_stage
 
 
 def fingerprint_fields(ctx: AllocationContext, settings: Settings, mode: str) -> dict:
