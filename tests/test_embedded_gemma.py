@@ -178,6 +178,29 @@ def test_real_gemma_loads_and_is_sane(tmp_path):
     assert math.isfinite(ppl) and 5 < ppl < 60, ppl
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not _real_wheels_installed(), reason="the Gemma-3-270M wheels are not installed (bash install.sh --gemma)")
+@pytest.mark.skipif(os.environ.get("MSP_TEST_GEMMA") != "1", reason="prunes the real Gemma-3-270M (~10 min on 2 cores): set MSP_TEST_GEMMA=1")
+def test_real_gemma_cli_run(tmp_path):
+    """The README's command: Wanda 50% uniform, 8 × 256 calibration and evaluation windows, every window with <bos>."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "msp", "model=gemma3-270m", "data.nsamples=8", "data.seqlen=256", "data.eval_windows=8",
+         f"hydra.run.dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=3600, env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["model"] == "gemma3-270m" and len(res["layers"]) == 126 and abs(res["sparsity"] - 0.5) < 1e-3
+    dense, pruned = res["dense_ppl"]["wiki"], res["ppl"]["wiki"]
+    assert 5 < dense < 40 and dense < pruned < 20 * dense, (dense, pruned)
+
+
 # ------------------------------------------------------------------- the Gemma-3 architecture, tiny and random
 
 

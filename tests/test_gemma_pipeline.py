@@ -175,3 +175,26 @@ def test_cli_gemma_asset_errors_are_one_line_naming_the_install(case, tmp_path):
     assert "bash install.sh --gemma" in errors[0]
     assert ("missing:" in errors[0] and "part02" in errors[0]) if case == "missing" else ("corrupt" in errors[0])
     assert not list((tmp_path / "cache").rglob("*.gguf"))  # nothing half-written
+
+
+def test_large_vocabularies_cache_the_dense_probabilities_in_bfloat16(monkeypatch):
+    """Above BF16_PROBS_VOCAB words the KL fitness keeps p_dense in bfloat16 (Gemma-3: 262,144 words); below it,
+    float32 as before. Both give nearly the same KL for the same candidate."""
+    import numpy as np
+
+    import msp.search.fitness as fit
+
+    model = build_tiny_model("tiny-gemma3", seed=2).model
+    layers = prunable_layers(model)
+    variants = fit.precompute_variants(model, layers, WandaPruner(), Pattern.parse("unstructured"), _windows(2, 32, 5), CPU)
+    units = [[n] for n in layers]
+    values, default = {}, fit.BF16_PROBS_VOCAB
+    for threshold in (default, 0):  # 256 words: float32 by default; forced to bfloat16 with 0
+        monkeypatch.setattr(fit, "BF16_PROBS_VOCAB", threshold)
+        candidate = fit.CandidateModel(layers, variants, units, lambda u, level: [0.3, 0.7][level])
+        fitness = fit.ModelFitness(model, candidate, _windows(2, 32, 6), [2], CPU, "kl", batch_size=2)
+        values[threshold] = (fitness.dense_p[0].dtype, fitness(np.arange(len(units)) % 2, 0))
+        candidate.restore()
+    (dtype32, kl32), (dtype16, kl16) = values[default], values[0]
+    assert dtype32 == torch.float32 and dtype16 == torch.bfloat16
+    assert kl32 > 0 and kl16 == pytest.approx(kl32, rel=1e-2)

@@ -317,6 +317,13 @@ class CandidateModel:
         self.current = None
 
 
+#: vocabularies above this size keep the cached dense probabilities in bfloat16: Gemma-3's 262,144 words cost 512 MiB
+#: per 512-token window in float32 (256 MiB in bfloat16); SmolLM2 (49,152), LLaMA-2 (32,000) and LLaMA-3 (128,256)
+#: stay float32, so their fitness values do not change. Σ p log p is computed from the stored probabilities, so
+#: the KL stays Σ p̃ (log p − log q) with the same p̃ on both sides.
+BF16_PROBS_VOCAB = 131_072
+
+
 class ModelFitness:
     """``fitness(genome, stage)``: the candidate's KL to the dense model (or its perplexity) on the first
     ``stage_windows[stage]`` held-out windows. Build it while the dense weights are in place: the dense
@@ -360,7 +367,11 @@ class ModelFitness:
             for _, batch, logits in self._batches(n, desc="search: dense reference"):
                 logp = F.log_softmax(logits, dim=-1)
                 p = logp.exp()
-                self.dense_plogp.append((p * logp).sum(dim=-1).to("cpu"))
+                if logits.shape[-1] > BF16_PROBS_VOCAB:
+                    p = p.to(torch.bfloat16)
+                    self.dense_plogp.append((p.float() * logp).sum(dim=-1).to("cpu"))
+                else:
+                    self.dense_plogp.append((p * logp).sum(dim=-1).to("cpu"))
                 self.dense_p.append(p.to("cpu"))
                 del logp, p
 
@@ -381,7 +392,7 @@ class ModelFitness:
         total, count = 0.0, 0
         for b, batch, logits in self._batches(n):
             rows = batch.shape[0]
-            p = self.dense_p[b][:rows].to(logits.device)
+            p = self.dense_p[b][:rows].to(logits.device, torch.float32)
             plogp = self.dense_plogp[b][:rows].to(logits.device)
             # Σ_v p_v log q_v with torch.sum's pairwise float32 summation: a dot product (bmm) over the 50k-word vocabulary
             # accumulates ~1e-3 of rounding error on SmolLM2, this ~1e-6 (checked against float64)
