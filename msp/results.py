@@ -43,6 +43,7 @@ class RunResults:
     zeroshot: dict | None = None  # msp.eval.zeroshot.run_zeroshot: {"zeroshot": ..., "zeroshot_source": ...}
     saved_model: str | None = None
     export: dict | None = None
+    provenance: dict | None = None  # msp.run.provenance_of: versions, git, device name, seeds, weights and data SHA-256
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: getattr(self, k) for k in _ALWAYS}
@@ -58,6 +59,8 @@ class RunResults:
             out["saved_model"] = self.saved_model
         if self.export is not None:
             out["export"] = self.export
+        if self.provenance is not None:
+            out["provenance"] = self.provenance
         return out
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from msp import data as data_mod
+from msp import provenance
 from msp.allocation.budget import check_target
 from msp.allocation.build import Allocated, AllocationContext, build_allocation, check_allocation_options
 from msp.cache import DiskCache, cache_key
@@ -178,6 +179,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
     with meter.stage("total"):
         with meter.stage("load_model"):
             loaded, plan = load_stage(spec, device, dtype)
+            weights = model_hash_stage(spec, loaded)  # before pruning rewrites the weights
         evaluator = make_evaluator(spec, loaded.model, device, plan)
         with meter.stage("data"):
             data = data_stage(spec, loaded, cache, model_key)
@@ -205,6 +207,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         sensitivity_method=outcome.sensitivity.method if outcome.sensitivity is not None else None,
         sensitivity_seconds=outcome.sensitivity.seconds if outcome.sensitivity is not None else None,
         dense_zeroshot=dense_zs, zeroshot=zeroshot, saved_model=saved, export=export,
+        provenance=provenance_of(spec, device, weights, data),
     ).to_json()
     write_json_atomic(run_dir / "results.json", results)
     tracker.log_results(results, run_dir)
@@ -222,6 +225,19 @@ def load_stage(spec: RunSpec, device: torch.device, dtype: torch.dtype) -> tuple
     if not plan.stream:
         loaded.model.to(device)  # streaming keeps the model on the CPU; msp.pipeline moves one block at a time
     return loaded, plan
+
+
+def model_hash_stage(spec: RunSpec, loaded: LoadedModel) -> dict:
+    """SHA-256 of the weights as loaded (files hashed once per path, size and mtime; see :mod:`msp.provenance`)."""
+    memo = Path(spec.cache_dir) / "file-hashes.json" if spec.cache_dir else None
+    return provenance.model_hash(spec.model, spec.model_loader, loaded.model, spec.model_revision, memo)
+
+
+def provenance_of(spec: RunSpec, device: torch.device, weights: dict, data: RunData) -> dict:
+    """``results.json``'s ``provenance``: code, libraries, device, seeds, config hash, weights and data hashes."""
+    return {**provenance.environment(device), "seeds": provenance.seeds_of(spec.seed, dict(spec.allocation)),
+            "config_hash": spec.config_hash, "model_sha256": weights,
+            "data_sha256": provenance.data_hashes(data.calibration_ids, data.heldout_tokens, data.eval_windows)}
 
 
 def make_evaluator(spec: RunSpec, model: torch.nn.Module, device: torch.device, plan: StreamingPlan) -> Evaluator:
