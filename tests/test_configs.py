@@ -80,12 +80,12 @@ def _pruned_counts_match(pruner, sparsity: float, pattern) -> None:
         assert int(zeros.sum()) >= prune_count(rows * cols, sparsity)
     elif layer_pattern.kind == "nm":
         assert (zeros.view(rows, cols // layer_pattern.m, layer_pattern.m).sum(-1) == layer_pattern.m - layer_pattern.n).all()
-    elif pruner.scores(weight, stats) is not None:  # score pruners: an exact count per row
+    elif pruner.score_based:  # score pruners: an exact count per row
         assert (zeros.sum(dim=1) == prune_count(cols, sparsity)).all()
     else:  # SparseGPT: an exact count per layer
         assert int(zeros.sum()) == prune_count(rows * cols, sparsity)
     kept = ~zeros
-    if not getattr(pruner, "bits", None) and pruner.scores(weight, stats) is not None:
+    if not getattr(pruner, "bits", None) and pruner.score_based:
         assert torch.equal(pruned[kept], weight[kept])  # score pruners only remove
 
 
