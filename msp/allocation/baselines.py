@@ -32,6 +32,8 @@ from msp.masks import Pattern
 
 log = logging.getLogger(__name__)
 
+#: allocators whose unit is the decoder block (no allocation.granularity=layer)
+BLOCK_ONLY = ("dlp", "atp")
 FITNESS_METRICS = ("kl", "ppl")  # msp.search.settings.METRICS (not imported: it loads the search)
 
 
@@ -209,4 +211,4 @@ def heldout_scorer(ctx: AllocationContext, allocations: list[Allocation], option
         variants.close()
 
 
-__all__ = ["alpha_allocator", "dlp_allocator", "atp_allocator", "check_alpha", "check_dlp", "check_atp", "heldout_scorer"]
+__all__ = ["BLOCK_ONLY", "alpha_allocator", "dlp_allocator", "atp_allocator", "check_alpha", "check_dlp", "check_atp", "heldout_scorer"]
