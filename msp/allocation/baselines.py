@@ -42,6 +42,12 @@ def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
         raise AllocationError(f"allocation.{key}={value!r} is unknown; valid: {', '.join(valid)}")
 
 
+def _half_open(key: str, value: float, high: float, paper: str) -> None:
+    """``allocation.<key>`` must lie in [0, high) (NaN fails)."""
+    if math.isnan(value) or not 0.0 <= value < high:
+        raise AllocationError(f"allocation.{key}={value} must be in [0, {high:g}) ({paper}), e.g. allocation.{key}={paper.split()[-1].split('-')[0]}")
+
+
 def _block_only(method: str, granularity: str) -> None:
     if granularity != "block":
         raise AllocationError(f"allocation={method} allocates per decoder block (the paper's unit); drop allocation.granularity={granularity} or use allocation=alpha / fisher for layers")
@@ -53,8 +59,7 @@ def _block_only(method: str, granularity: str) -> None:
 def check_alpha(options: dict, target: float, pattern: Pattern) -> None:
     """Model-free checks of ``allocation=alpha``: ε in [0, 1), known rules, 2 <= min_tail <= min_eigenvalues."""
     t = typed_options(options)
-    if math.isnan(t.epsilon) or not 0.0 <= t.epsilon < 1.0:
-        raise AllocationError(f"allocation.epsilon={t.epsilon} must be in [0, 1) (the paper uses 0.2-0.3), e.g. allocation.epsilon=0.2")
+    _half_open("epsilon", t.epsilon, 1.0, "the paper uses 0.2-0.3")
     _choice("xmin_rule", t.xmin_rule, XMIN_RULES)
     _choice("fallback", t.fallback, FALLBACKS)
     if t.min_tail < 2 or t.min_eigenvalues < t.min_tail or t.bins < 1:
@@ -64,8 +69,7 @@ def check_alpha(options: dict, target: float, pattern: Pattern) -> None:
 def check_dlp(options: dict, target: float, pattern: Pattern) -> None:
     """Model-free checks of ``allocation=dlp``: α in [0, 0.5), a known reduction, block granularity."""
     t = typed_options(options)
-    if math.isnan(t.alpha) or not 0.0 <= t.alpha < 0.5:
-        raise AllocationError(f"allocation.alpha={t.alpha} must be in [0, 0.5) (DLP uses 0.15), e.g. allocation.alpha=0.15")
+    _half_open("alpha", t.alpha, 0.5, "DLP uses 0.15")
     _choice("reduction", t.reduction, DLP_REDUCTIONS)
     _block_only("dlp", str(t.granularity))
 
@@ -97,14 +101,24 @@ def _grid_of(given: Any) -> list[float] | None:
 # ---------------------------------------------------------------------------------------------------- alpha
 
 
+def _start(ctx: AllocationContext, options: dict, method: str) -> tuple[Allocated | None, tuple | None]:
+    """(the uniform Allocated of a fixed N:M pattern, None), or (None, (typed options, bounds, unit → parameters,
+    layer → unit)) at the options' granularity (dlp and atp: always block, checked early)."""
+    fixed = fixed_pattern_allocation(ctx, method)
+    if fixed is not None:
+        return Allocated(fixed), None
+    t = typed_options(options)
+    unit_params, layer_unit = units_of(ctx, str(t.granularity))
+    return None, (t, bounds_from(options, ctx.target), unit_params, layer_unit)
+
+
 def alpha_allocator(ctx: AllocationContext, options: dict) -> Allocated:
     """AlphaPruning: Hill α per weight matrix (mean per block), mapped to target·[1 − ε, 1 + ε] and onto the budget."""
-    fixed = fixed_pattern_allocation(ctx, "alpha")
-    if fixed is not None:
-        return Allocated(fixed)
-    t = typed_options(options)
-    granularity, bounds = str(t.granularity), bounds_from(options, ctx.target)
-    unit_params, layer_unit = units_of(ctx, granularity)
+    done, setup = _start(ctx, options, "alpha")
+    if done is not None:
+        return done
+    t, bounds, unit_params, layer_unit = setup
+    granularity = str(t.granularity)
     spectra = layer_alphas({n: lin.weight.data for n, lin in ctx.layers.items()}, fallback=str(t.fallback), xmin_rule=str(t.xmin_rule),
                            bins=int(t.bins), min_eigenvalues=int(t.min_eigenvalues), min_tail=int(t.min_tail))
     alphas = unit_alphas(spectra.alphas, layer_unit)
@@ -126,12 +140,10 @@ def dlp_allocator(ctx: AllocationContext, options: dict) -> Allocated:
     """DLP: block Wanda scores (one dense pass, cached) → importance → sparsities in a 2α band → onto the budget."""
     from msp.sensitivity import compute_sensitivity
 
-    fixed = fixed_pattern_allocation(ctx, "dlp")
-    if fixed is not None:
-        return Allocated(fixed)
-    t = typed_options(options)
-    bounds = bounds_from(options, ctx.target)
-    unit_params, layer_unit = units_of(ctx, "block")
+    done, setup = _start(ctx, options, "dlp")
+    if done is not None:
+        return done
+    t, bounds, unit_params, layer_unit = setup
     sens_options = {"reduction": str(t.reduction), **({"nsamples": int(t.nsamples)} if t.nsamples is not None else {})}
     report = compute_sensitivity(ctx.model, ctx.layers, ctx.calibration_ids, "dlp", sens_options, device=ctx.device, plan=ctx.plan,
                                  seed=ctx.seed, batch_size=ctx.batch_size, cache=ctx.cache, cache_fields=ctx.cache_fields)
@@ -147,12 +159,10 @@ def dlp_allocator(ctx: AllocationContext, options: dict) -> Allocated:
 def atp_allocator(ctx: AllocationContext, options: dict) -> Allocated:
     """ATP: the linear ramp of :func:`msp.allocation.layerwise.atp_ramp`, β given or chosen on the grid by the
     search's fitness on the held-out calibration tail."""
-    fixed = fixed_pattern_allocation(ctx, "atp")
-    if fixed is not None:
-        return Allocated(fixed)
-    t = typed_options(options)
-    bounds = bounds_from(options, ctx.target)
-    unit_params, layer_unit = units_of(ctx, "block")
+    done, setup = _start(ctx, options, "atp")
+    if done is not None:
+        return done
+    t, bounds, unit_params, layer_unit = setup
     units = sorted(unit_params, key=lambda u: int(u.rsplit(".", 1)[1]))  # depth order
     n = len(units)
     base = {"granularity": "block", "bounds": list(bounds)}
