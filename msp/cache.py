@@ -28,7 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 #: bump the entry of a statistic when its computation changes; old entries then miss
-CODE_VERSIONS = {"dense_ppl": 1, "tokens": 1, "fisher": 1, "hessian": 1, "owl": 1}
+CODE_VERSIONS = {"dense_ppl": 1, "tokens": 1, "fisher": 1, "hessian": 1, "owl": 1, "dlp": 1}
 
 
 def cache_key(kind: str, **fields: Any) -> str:

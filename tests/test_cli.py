@@ -63,6 +63,8 @@ def test_cli_true_sequential_prunes_in_one_pass_to_the_target(tmp_path):
         (["model=hf", "model.name=/no/such/model"], "does not exist"),
         (["device=cuda"], "no CUDA GPU"),
         (["pruner.saliency=foo", "pruner=sparsegpt"], "valid: obs, isc"),
+        (["allocation=msp", "allocation.init=random"], "allocation.init='random' is unknown; valid: alpha, atp, best, dlp"),
+        (["allocation=atp", "allocation.beta_grid=[0.0,0.03]"], "must be [start, stop, step]"),
     ],
 )
 def test_bad_input_fails_with_one_clear_line_and_no_results(tmp_path, args, message):

@@ -365,7 +365,7 @@ def test_search_lowers_the_fitness_on_tiny_llama_and_restores_the_dense_weights(
     assert (tmp_path / STATE_FILE).exists()
     assert list(report) == [  # results.json["search"]: these keys, in this order
         "generations", "evaluations", "fitness", "history", "initial_fitness", "best_fitness", "start_fitness", "init",
-        "granularity", "units", "initial_units", "grid", "candidates", "stage_tokens", "resumed_from", "layer_swaps",
+        "init_chosen", "init_scores", "granularity", "units", "initial_units", "grid", "candidates", "stage_tokens", "resumed_from", "layer_swaps",
         "wall_seconds", "cpu_seconds", "variant_windows", "checkpoint",
     ]
     assert report["start_fitness"] == {"uniform": report["initial_fitness"]}
@@ -447,3 +447,46 @@ def test_block_units_group_each_blocks_layers(tmp_path):
     names, units = search_units(ctx, "block")
     assert names == ["model.layers.0", "model.layers.1"]
     assert [len(u) for u in units] == [7, 7] and sorted(sum(units, [])) == sorted(ctx.layers)
+
+
+# ------------------------------------------------------------------------------------------ any start, init=best
+
+
+@pytest.mark.parametrize("init, seed", [("uniform", 0), ("alpha", 1), ("dlp", 2)])
+def test_elitism_never_returns_worse_than_its_start_on_its_own_fitness(tmp_path, init, seed):
+    """The reported start and result are the fitness of those allocations, re-scored independently (a fresh variant
+    pass and fitness on the same held-out windows), and the result is never worse than the start."""
+    from types import SimpleNamespace
+
+    from msp.allocation.base import Allocation
+    from msp.allocation.baselines import heldout_scorer
+
+    ctx = _ctx(tmp_path, seed=seed)
+    report = build_allocation(ctx, {**SMALL, "init": init, "extra": [], "generations": 3, "crossover": 0.5, "seed": seed}).search
+    assert report["best_fitness"] <= report["initial_fitness"]
+    bests = [h["best"] for h in report["history"]]
+    assert all(b <= a for a, b in zip(bests, bests[1:]))  # elitist: the generation's best never rises
+    assert report["init_chosen"] == init and report["init_scores"] == {}
+    final_stage = {"fitness": "kl", "fitness_tokens": 192, "fitness_seqlen": 64, "fitness_batch_size": 4, "variant_nsamples": 8}
+    start = Allocation(report["initial_units"], 0.7, "start")  # granularity=layer: units are the layers
+    best = Allocation(report["units"], 0.7, "best")
+    with heldout_scorer(ctx, [start, best], SimpleNamespace(**final_stage)) as score:
+        assert score(start) == pytest.approx(report["initial_fitness"], rel=1e-6)
+        assert score(best) == pytest.approx(report["best_fitness"], rel=1e-6)
+
+
+def test_init_best_scores_every_cheap_allocator_and_starts_from_the_best(tmp_path):
+    from msp.search.settings import BEST_INITS
+
+    ctx = _ctx(tmp_path)
+    outcome = build_allocation(ctx, {**SMALL, "init": "best", "extra": ["uniform"], "generations": 2})
+    report = outcome.search
+    scores = report["init_scores"]
+    assert list(scores) == list(BEST_INITS) == ["uniform", "owl", "alpha", "dlp", "fisher"]
+    assert all(math.isfinite(v) and v > 0 for v in scores.values())
+    assert report["init_chosen"] == min(scores, key=lambda m: (scores[m], BEST_INITS.index(m)))
+    assert report["initial_fitness"] == scores[report["init_chosen"]]
+    assert report["start_fitness"][report["init_chosen"]] == scores[report["init_chosen"]]
+    assert report["best_fitness"] <= min(scores.values())
+    assert outcome.allocation.meta["init"] == "best" and outcome.allocation.meta["init_chosen"] == report["init_chosen"]
+    assert outcome.allocation.weighted_mean(ctx.params) == pytest.approx(0.7, abs=1e-12)

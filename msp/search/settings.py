@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union, get_args, get_origin, get_type_hints
 
 from msp.allocation.base import AllocationError
+from msp.allocation.registry import ALLOCATORS
 from msp.masks import Pattern
 from msp.search.evolution import EvolutionConfig
 from msp.search.grid import nm_level_range
@@ -22,7 +23,11 @@ from msp.search.grid import nm_level_range
 STATE_FILE = "search_state.json"  # the search checkpoint, in the run dir
 
 GRANULARITIES = ("block", "layer")
-INITS = ("fisher", "hessian", "owl", "rank", "uniform")  # every one an allocator of the registry, or uniform
+#: the cheap allocators ``allocation.init=best`` scores (the search's own fitness) before starting from the best one;
+#: rank and hessian (Hutchinson passes) and atp (a β grid of fitness calls) are left out as not cheap
+BEST_INITS = ("uniform", "owl", "alpha", "dlp", "fisher")
+#: every allocator of the registry but the search itself and a file, and ``best``
+INITS = tuple(sorted([name for name in ALLOCATORS if name not in ("msp", "file")] + ["best"]))
 EXTRAS = ("uniform", "owl")
 METRICS = ("kl", "ppl")
 MODES = ("auto", "ranking", "store")  # allocation.candidates
@@ -57,7 +62,7 @@ class SearchConfig:
 
     method: str = "msp"
     granularity: str = "block"  # block | layer: the unit that gets one sparsity
-    init: str = "fisher"  # the allocation the population starts from (INITS)
+    init: str = "fisher"  # the allocation the population starts from (INITS; best: the best of BEST_INITS on the fitness)
     init_options: Dict[str, Any] = field(default_factory=dict)  # options of the init allocator, e.g. {beta: 0.05}
     extra: List[str] = field(default_factory=lambda: ["uniform"])  # more starting individuals (EXTRAS)
     min: Optional[float] = None  # lowest unit sparsity (None: sparsity - spread, at least 0)
@@ -277,5 +282,5 @@ def _integer(key: str, value: Any) -> int:
     return int(value)
 
 
-__all__ = ["SearchConfig", "StageConfig", "Settings", "parse_options", "validate", "STATE_FILE", "GRANULARITIES", "INITS",
+__all__ = ["SearchConfig", "StageConfig", "Settings", "parse_options", "validate", "STATE_FILE", "GRANULARITIES", "INITS", "BEST_INITS",
            "EXTRAS", "METRICS", "MODES", "STORES", "STORE_DTYPES"]
