@@ -125,6 +125,11 @@ def _compressors():
     return ModelCompressor, PackedQuantizationCompressor
 
 
+def check_available() -> None:
+    """Raise :class:`QuantizedExportError` in one line when compressed-tensors is not installed."""
+    _compressors()
+
+
 def _check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise QuantizedExportError(f"bits={bits} is not supported; valid: {', '.join(map(str, SUPPORTED_BITS))} (as pruner.bits)")
