@@ -369,8 +369,7 @@ def report_stage(run_dir: Path) -> None:
     try:
         from msp.report import render_run
 
-        png, md = render_run(run_dir)
-        log.info("run summary: %s, %s", png, md)
+        render_run(run_dir)  # logs where it wrote
     except Exception as exc:  # noqa: BLE001 - a picture must never fail a finished run
         log.warning("run summary not written (%s: %s); python -m msp.report %s retries it", type(exc).__name__, exc, run_dir)
 

@@ -2,7 +2,8 @@
 
 Each command line found in a fenced code block (``msp ...``, ``$ msp ...``, or after ``&&``) runs as written, with tiny
 settings appended after it (later Hydra overrides win): ``model=tiny-llama data=tiny`` with short windows, a run (or
-sweep) folder and a cache folder of the test's own, two generations for the search, two examples per zero-shot task.
+sweep) folder and a cache folder of the test's own, two generations for the search, two examples per zero-shot task,
+no run summary (``report=false``).
 A line that cannot run here says why with a trailing ``# needs: gpu`` / ``# needs: hub`` / ``# needs: slurm`` and is
 reported as skipped with that reason. ``<run dir>`` in a command stands for the directory of the run of the nearest
 command above it in the same file. Every run must exit with 0 and write ``results.json`` (a sweep: in every job folder).
@@ -30,7 +31,8 @@ KNOWN_NEEDS = {"gpu", "hub", "slurm"}
 MAX_SKIPPED = 6  # documentation is for commands that run: keep the marked ones few
 
 # appended after every documented command; later overrides win
-TINY = ["model=tiny-llama", "data=tiny", "data.nsamples=4", "data.seqlen=64", "data.eval_windows=4"]
+TINY = ["model=tiny-llama", "data=tiny", "data.nsamples=4", "data.seqlen=64", "data.eval_windows=4",
+        "report=false"]  # the run summary (seconds of matplotlib per run) is tested in tests/test_cli.py
 PLACEHOLDER = "<run dir>"
 
 
