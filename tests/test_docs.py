@@ -88,7 +88,9 @@ def tiny_overrides(args: list[str], run_dir: Path, cache_dir: Path, multirun: bo
         extra.append(f"hydra.sweep.dir={run_dir}")
     elif not any(a.startswith("hydra.run.dir=") for a in args):
         extra.append(f"hydra.run.dir={run_dir}")
-    if "allocation=msp" in joined or "experiment=" in joined:  # the search (also inside the experiment grids)
+    if "experiment=" in joined:  # the search inside the experiment grids: the allocators' schemas have no generations
+        extra.append("search_generations=2")
+    elif "allocation=msp" in joined:  # the search
         extra.append("++allocation.generations=2")
     if "zeroshot=" in joined:
         extra.append("zeroshot.limit=2")
