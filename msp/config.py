@@ -233,6 +233,7 @@ class WandbLogger:
 @dataclass
 class ExportConfig:
     semi_structured: bool = False  # true: pack the 2:4 layers to <run dir>/model-2of4 (needs pattern=2:4)
+    quantized: bool = False  # true: write <run dir>/model-quantized (compressed-tensors pack-quantized; needs pruner=sparsegpt pruner.bits)
 
 
 # ---------------------------------------------------------------------------------------------------- the run
@@ -260,6 +261,7 @@ class MspConfig:
     streaming: Union[bool, str] = "auto"  # auto | true (one block at a time on the device) | false
     gpu_budget_gb: Optional[Union[int, float]] = None  # device memory budget (GiB) for streaming; null: free memory
     save_model: bool = False  # also write the pruned model (safetensors, dense with zeros) to the run dir
+    report: bool = True  # render summary.png and summary.md next to results.json (msp.report); never fails the run
     cache_dir: Optional[str] = "${oc.env:MSP_CACHE_DIR,${hydra:runtime.cwd}/.cache/msp}"  # shared by a sweep's jobs
     use_cache: bool = True
     skip_done: bool = False  # skip a job whose config hash matches a finished run (sweep dir, outputs/, done_dirs)

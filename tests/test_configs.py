@@ -53,6 +53,7 @@ DOCUMENTED_TYPES = {
     "model.name": str, "data.calibration": str, "data.evaluation": (list, ListConfig), "data.nsamples": int, "data.seqlen": int,
     "data.heldout_fraction": float, "data.eval_windows": (int, type(None)), "eval.dense": bool, "eval.batch_size": int,
     "allocation.method": str, "logger.name": str, "zeroshot.tasks": (list, ListConfig), "export.semi_structured": bool,
+    "export.quantized": bool, "report": bool,
 }
 
 
