@@ -33,7 +33,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -174,8 +174,7 @@ class SearchState:
 
     def save(self, path: Path) -> None:
         """Rewrite the state file (O(population)); the history is written by :meth:`append_history`."""
-        data = asdict(self)
-        data.pop("history")
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "history"}  # asdict would copy the history
         write_json_atomic(Path(path), data)
 
     @staticmethod
