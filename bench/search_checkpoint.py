@@ -84,6 +84,9 @@ def write_markdown(rows: dict) -> str:
         files = ", ".join(f"{k} {v:,}" for k, v in sorted(r["checkpoint_bytes"].items()))
         lines.append(f"| {label} | {fmt} (v{r['state_version']}) | {r['start_gen_per_s']:.0f} | {r['late_gen_per_s']:.0f} | "
                      f"{r['late_over_start']:.2f} | {r['start_save_ms']:.2f} | {r['late_save_ms']:.2f} | {files} |")
+    lines += ["", "Rows are measured one after the other on a 2-core machine shared with other jobs: absolute rates are noisy; "
+              "the late ÷ start ratio and the checkpoint's ms/gen are the figures. `before`: the checkpoint of commit 83a42fd "
+              "(the whole history in `search_state.json`, rewritten with `json.dump(indent=2)` after `asdict` copied it)."]
     return "\n".join(lines) + "\n"
 
 
