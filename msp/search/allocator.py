@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from msp.allocation.registry import load
 from msp.masks import Pattern
 from msp.models import find_blocks, layer_block_index
 from msp.search.evolution import Evolution, SearchResult, mutate, snap
-from msp.search.fitness import CandidateModel, LayerVariants, ModelFitness, precompute_variants, resolve_mode
+from msp.search.fitness import CandidateModel, LayerVariants, ModelFitness, precompute_variants, resolve_mode, store_estimate
 from msp.search.grid import Grid, build_grid, fit_store_levels
 from msp.search.settings import BEST_INITS, STATE_FILE, Settings, parse_options
 
@@ -149,7 +149,10 @@ def build_search(ctx: AllocationContext, settings: Settings) -> Search:
     params = ctx.params
     unit_params = [sum(params[n] for n in names) for names in units]
     grid_args = (unit_params, settings.target, ctx.pattern, settings.bounds, settings.step)
-    grid, step = fit_store_levels(*grid_args, settings.max_levels) if mode == "store" else (build_grid(*grid_args), settings.step)
+    if mode == "store":
+        grid, step, settings = store_grid(settings, grid_args, [[params[n] for n in names] for names in units])
+    else:
+        grid, step = build_grid(*grid_args), settings.step
     if ctx.pattern.kind == "mixed_nm" and abs(grid.achieved - settings.target) > 1e-9:
         log.info("search: pattern=%s reaches mean sparsity %.5f, the nearest to sparsity=%s on the k/%d grid", ctx.pattern,
                  grid.achieved, settings.target, ctx.pattern.m)
@@ -160,6 +163,37 @@ def build_search(ctx: AllocationContext, settings: Settings) -> Search:
     start = StartPopulation(ctx, settings, grid, units)
     return Search(settings, mode, unit_names, units, grid, step, windows, windows_per_stage, start, evolution,
                   settings.checkpoint_source(ctx.run_dir))
+
+
+#: the finest store grid ``allocation.store_budget_gb`` picks: 17 levels over ±0.2 is the 0.025 step
+MAX_STORE_LEVELS = 17
+
+
+def store_grid(settings: Settings, grid_args: tuple, layer_params: list[list[int]]) -> tuple[Grid, float, Settings]:
+    """Store mode's grid: at most ``allocation.max_levels`` levels per unit, or with ``allocation.store_budget_gb``
+    the most levels (≤ :data:`MAX_STORE_LEVELS`) whose packed store (:func:`store_estimate`) fits the budget; the
+    settings come back with the ``max_levels`` used. ``layer_params``: the weight counts of each unit's layers."""
+    if settings.store_budget_gb is None:
+        return (*fit_store_levels(*grid_args, settings.max_levels), settings)
+    budget = settings.store_budget_gb * 1e9
+    element = torch.finfo(getattr(torch, settings.store_dtype)).bits // 8
+    sizes = [n for unit in layer_params for n in unit]
+    need = math.inf
+    for levels in range(MAX_STORE_LEVELS, 1, -1):
+        try:
+            grid, step = fit_store_levels(*grid_args, levels, quiet=True)
+        except AllocationError:
+            break  # so few levels that no unit can move: fewer cannot either
+        need = store_estimate(sizes, [grid.levels(u) for u, unit in enumerate(layer_params) for _ in unit], element)
+        if need <= budget:
+            levels = max(levels, grid.most_levels())  # a mixed N:M grid has its k/M levels whatever the bound
+            log.info("search: allocation.store_budget_gb=%g holds %d levels per layer (step %.4f, %.2f GB)", settings.store_budget_gb,
+                     grid.most_levels(), step, need / 1e9)
+            return grid, step, replace(settings, max_levels=levels)
+    raise AllocationError(
+        f"allocation.store_budget_gb={settings.store_budget_gb:g} is too small: the coarsest grid that can move already needs {need / 1e9:.3g} GB "
+        f"of packed variants; raise it, narrow allocation.min/max, or use allocation.granularity=block"
+    )
 
 
 def fitness_windows(ctx: AllocationContext, settings: Settings) -> tuple[torch.Tensor, list[int]]:
@@ -402,4 +436,4 @@ def _tracker_callback(ctx: AllocationContext):
 
 
 __all__ = ["msp_allocator", "check_options", "build_search", "check_checkpoint", "candidate_source", "Search", "StartPopulation",
-           "CandidateSource", "SearchReport", "search_units", "fitness_windows", "fingerprint_fields", "STATE_FILE"]
+           "CandidateSource", "SearchReport", "search_units", "store_grid", "MAX_STORE_LEVELS", "fitness_windows", "fingerprint_fields", "STATE_FILE"]

@@ -83,6 +83,7 @@ class SearchConfig:
     store: str = "memory"  # memory | disk
     store_dtype: str = "float16"
     max_levels: int = 6
+    store_budget_gb: Optional[float] = None  # store mode: None = max_levels; else the largest max_levels <= 17 whose store fits
     variant_nsamples: Optional[int] = 8  # calibration windows of the variant pass (None: all)
     seed: Optional[int] = None  # None: the run's seed
     resume: bool = False
@@ -129,6 +130,7 @@ class Settings:
     fitness_seqlen: int
     fitness_batch_size: int
     max_levels: int
+    store_budget_gb: float | None
     init_swaps: int
     candidates: str
     store: str
@@ -167,6 +169,8 @@ def validate(config: SearchConfig, target: float, pattern: Pattern, seed: int = 
         value = getattr(c, key)
         if value is not None and value < least:
             raise AllocationError(f"allocation.{key}={value} must be >= {least}, e.g. allocation.{key}={_example(key)}")
+    if c.store_budget_gb is not None and not c.store_budget_gb > 0:
+        raise AllocationError(f"allocation.store_budget_gb={c.store_budget_gb:g} must be > 0 (GB of packed variants), e.g. allocation.store_budget_gb=8, or null")
     if not 0 < c.step < 1:
         raise AllocationError(f"allocation.step={c.step} must be in (0, 1), e.g. allocation.step=0.025")
     bounds = _bounds(c, target)
@@ -179,7 +183,7 @@ def validate(config: SearchConfig, target: float, pattern: Pattern, seed: int = 
     return Settings(
         target=target, granularity=c.granularity, init=c.init, init_options=dict(c.init_options), extra=list(c.extra),
         metric=c.fitness, step=c.step, bounds=bounds, tokens=tokens, survivors=survivors, fitness_seqlen=c.fitness_seqlen,
-        fitness_batch_size=c.fitness_batch_size, max_levels=c.max_levels, init_swaps=c.init_swaps, candidates=c.candidates,
+        fitness_batch_size=c.fitness_batch_size, max_levels=c.max_levels, store_budget_gb=c.store_budget_gb, init_swaps=c.init_swaps, candidates=c.candidates,
         store=c.store, store_dtype=c.store_dtype, variant_nsamples=c.variant_nsamples, config=evolution, resume=c.resume,
         resume_from=c.resume_from,
     )
