@@ -114,6 +114,45 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
+# ----------------------------------------------------------------------------------------------- provenance
+#: the provenance fields one table's runs should share (seeds and config hashes may differ: they are averaged / listed)
+SHARED_FIELDS = ("msp_version", "git.revision", "git.dirty", "versions", "device_name", "model_sha256", "data_sha256.calibration")
+
+
+def provenance_fields(r: dict, dataset: str) -> dict[str, object]:
+    """The fields of a run's ``provenance`` compared across a table (``versions.<package>``, the dataset's hash)."""
+    p = r.get("provenance") or {}
+    out: dict[str, object] = {}
+    for name in SHARED_FIELDS:
+        value: object = p
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if name == "versions":
+            out.update({f"versions.{k}": v for k, v in (value or {}).items()})
+        else:
+            out[name] = json.dumps(value, sort_keys=True)  # dicts (model_sha256) compare as text
+    out[f"data_sha256.evaluation.{dataset}"] = ((p.get("data_sha256") or {}).get("evaluation") or {}).get(dataset)
+    return out
+
+
+def mixed_provenance(runs: list[dict], dataset: str) -> list[str]:
+    """The provenance fields that differ between the runs of one table (``provenance`` when only some have one)."""
+    with_prov = [r for r in runs if r.get("provenance")]
+    if not with_prov:
+        return []
+    fields = [provenance_fields(r, dataset) for r in with_prov]
+    differ = sorted({k for f in fields for k in f if len({json.dumps(g.get(k)) for g in fields}) > 1})
+    if len(with_prov) < len(runs):
+        differ.insert(0, f"provenance (missing in {len(runs) - len(with_prov)} of {len(runs)} runs)")
+    return differ
+
+
+def warn_mixed(model: str, dataset: str, runs: list[dict]) -> None:
+    differ = mixed_provenance([r for r in runs if dataset in r.get("ppl", {}) or dataset in r.get("dense_ppl", {})], dataset)
+    if differ:
+        log.warning("warning: table %s / perplexity on %s mixes runs that differ in %s", model, dataset, ", ".join(differ))
+
+
 # ----------------------------------------------------------------------------------------------- tables
 def fmt(value: float | None, digits: int = 2) -> str:
     if value is None or not math.isfinite(value):
@@ -267,6 +306,7 @@ def build(runs: list[dict], name: str) -> dict[str, str]:
         md += [f"## {model}", "", f"Calibration: {d0.get('calibration')}, {d0.get('nsamples')} x {d0.get('seqlen')} tokens. "
                f"Evaluation windows of {d0.get('seqlen')} tokens: {windows}.", ""]
         for dataset in datasets_of(mruns):
+            warn_mixed(model, dataset, mruns)
             header, md_rows, _ = ppl_table(mruns, dataset)
             md += [f"### Perplexity on {dataset}", "", markdown_table(header, md_rows), ""]
             every = sorted({r["target_sparsity"] for r in runs if dataset in r.get("ppl", {})})  # same columns for all models

@@ -50,6 +50,7 @@ def spec_from_config(cfg: DictConfig):
         true_sequential=cfg.true_sequential, save_model=cfg.save_model, cache_dir=cfg.cache_dir or None, use_cache=cfg.use_cache,
         zeroshot=container(cfg.zeroshot), experiment=cfg.experiment, config_hash=config_hash_of(cfg), streaming=str(cfg.streaming).lower(),
         gpu_budget_gb=float(cfg.gpu_budget_gb) if cfg.gpu_budget_gb is not None else None, export=container(cfg.export),
+        report=bool(cfg.report),
     )
 
 

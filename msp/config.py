@@ -134,6 +134,53 @@ class RankAllocation:
     seed: Optional[int] = None  # hessian only
 
 
+@dataclass
+class AlphaAllocation:
+    """AlphaPruning (Lu et al., NeurIPS 2024; data-free): heavier-tailed weight spectra (smaller Hill α) pruned less."""
+
+    method: str = "alpha"
+    epsilon: float = 0.2  # sparsity ratios in [1 - ε, 1 + ε] × target (the paper's Wanda/LLaMA-2 runs use 0.3)
+    granularity: str = "block"  # block (mean α of a block's matrices; the paper's) | layer
+    xmin_rule: str = "peak"  # peak | all | median: the λ_min candidates of the power-law fit
+    bins: int = 100  # histogram bins of log10 λ for the "peak" rule
+    min_eigenvalues: int = 16  # fewer non-zero eigenvalues: no spectrum to fit
+    min_tail: int = 8  # eigenvalues every λ_min candidate leaves in the tail
+    fallback: str = "error"  # error | mean: a matrix without a usable spectrum gets the mean α
+    min: float = 0.0
+    max: float = 0.99
+
+
+@dataclass
+class DlpAllocation:
+    """DLP (Chen et al., ICML 2025): blocks with a higher mean Wanda score |W|·‖X‖₂ (dense inputs) pruned more."""
+
+    method: str = "dlp"
+    alpha: float = 0.15  # half-width of the sparsity band around the target
+    reduction: str = "mean"  # mean | median (the paper's) of the block's Wanda scores
+    granularity: str = "block"  # block only (the paper's unit)
+    nsamples: Optional[int] = None  # calibration windows of the statistics pass (null: all data.nsamples)
+    min: float = 0.0
+    max: float = 0.99
+
+
+@dataclass
+class AtpAllocation:
+    """ATP (Huang et al., ICML 2025): sparsity rising linearly with depth, s_i = t − β(L−1)/2 + β·i."""
+
+    method: str = "atp"
+    beta: Optional[float] = None  # null: chosen on beta_grid by the search's fitness on the held-out tail
+    # [start, stop, step]; null: 0 … 0.03 in steps of 0.002, cut at the largest β whose ramp stays within [min, max]
+    beta_grid: Optional[List[float]] = None
+    granularity: str = "block"  # block only (the paper's unit)
+    fitness: str = "kl"  # kl | ppl: the search's fitness (msp.search.fitness.ModelFitness)
+    fitness_tokens: int = 512  # held-out calibration tokens scoring each β
+    fitness_seqlen: int = 256
+    fitness_batch_size: int = 4
+    variant_nsamples: Optional[int] = 8  # calibration windows of the variant pass (null: all)
+    min: float = 0.0
+    max: float = 0.99
+
+
 # OWL's option is called ``lambda`` (the paper's λ), a Python keyword: the dataclass is built from a namespace and
 # without the generated methods that would spell ``self.lambda``; OmegaConf only reads its fields.
 OwlAllocation = dataclass(init=False, repr=False, eq=False)(type("OwlAllocation", (), {
@@ -187,6 +234,7 @@ class WandbLogger:
 @dataclass
 class ExportConfig:
     semi_structured: bool = False  # true: pack the 2:4 layers to <run dir>/model-2of4 (needs pattern=2:4)
+    quantized: bool = False  # true: write <run dir>/model-quantized (compressed-tensors pack-quantized; needs pruner=sparsegpt pruner.bits)
 
 
 # ---------------------------------------------------------------------------------------------------- the run
@@ -214,6 +262,7 @@ class MspConfig:
     streaming: Union[bool, str] = "auto"  # auto | true (one block at a time on the device) | false
     gpu_budget_gb: Optional[Union[int, float]] = None  # device memory budget (GiB) for streaming; null: free memory
     save_model: bool = False  # also write the pruned model (safetensors, dense with zeros) to the run dir
+    report: bool = True  # render summary.png and summary.md next to results.json (msp.report); never fails the run
     cache_dir: Optional[str] = "${oc.env:MSP_CACHE_DIR,${hydra:runtime.cwd}/.cache/msp}"  # shared by a sweep's jobs
     use_cache: bool = True
     skip_done: bool = False  # skip a job whose config hash matches a finished run (sweep dir, outputs/, done_dirs)
@@ -254,5 +303,6 @@ def register_configs() -> None:
 
 
 __all__ = ["ModelConfig", "DataConfig", "EvalConfig", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "UniformAllocation",
-           "FileAllocation", "FisherAllocation", "HessianAllocation", "RankAllocation", "OwlAllocation",
+           "FileAllocation", "FisherAllocation", "HessianAllocation", "RankAllocation", "OwlAllocation", "AlphaAllocation",
+           "DlpAllocation", "AtpAllocation",
            "ZeroshotConfig", "NoLogger", "WandbLogger", "ExportConfig", "MspConfig", "register_configs"]

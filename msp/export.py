@@ -378,7 +378,43 @@ def build_recipe(run_dir: str | Path, pruner: str | None = None, granularity: st
     """
     if granularity not in GRANULARITIES:
         raise RecipeError(f"granularity={granularity!r}; valid: {' | '.join(GRANULARITIES)}")
-    run_dir = Path(run_dir)
+    run = _read_run(Path(run_dir), pruner)
+    mask, mask_note = _mask_structure(run.results)
+    prefix = block_prefix(list(run.sparsities))
+    means, ranges, dense = block_means(run.sparsities, run.params, prefix)
+    if mask != "0:0":  # N:M: the pattern alone decides which weights go; state the sparsity it implies
+        n_pruned, m = (int(x) for x in mask.split(":"))
+        means = [n_pruned / m] * len(means)
+    targets, values = _recipe_targets(run, granularity, prefix, means, mask)
+    modifier: dict = {"sparsity": values, "mask_structure": mask, "targets": targets, "ignore": ["re:.*lm_head", *dense]}
+    notes = _pruner_options(modifier, run, pruner)
+    comments = _recipe_comments(run, granularity, prefix, means, ranges, len(targets), dense)
+    if mask != "0:0":
+        comments += [f"mask_structure {mask!r} = msp pattern {run.results.get('pattern')}: llm-compressor's N counts pruned weights",
+                     "(msp's N counts kept ones); under N:M llm-compressor does not use the sparsity values."]
+    if mask_note:
+        comments.append(mask_note)
+    comments += notes
+    data = run.results.get("data") or {}
+    comments.append(f"msp calibrated on {data.get('calibration')}: {data.get('nsamples')} windows of {data.get('seqlen')} tokens "
+                    f"(oneshot: num_calibration_samples={data.get('nsamples')}, max_seq_length={data.get('seqlen')}).")
+    recipe = {"sparsity_stage": {"sparsity_modifiers": {RECIPE_MODIFIERS[run.modifier]: modifier}}}
+    return Recipe(recipe, comments, values, prefix)
+
+
+@dataclass
+class _RunFiles:
+    """What a recipe is built from: a finished run's results and allocation, and the modifier chosen for it."""
+
+    run_dir: Path
+    results: dict
+    modifier: str  # a key of RECIPE_MODIFIERS
+    sparsities: dict[str, float]  # allocation.json, per Linear layer
+    params: dict[str, int]  # results.json's layers: weights per Linear layer
+
+
+def _read_run(run_dir: Path, pruner: str | None) -> _RunFiles:
+    """The run's results and allocation, checked to describe the same layers, and the chosen modifier."""
     if not run_dir.is_dir():
         raise RecipeError(f"run dir {run_dir} does not exist; give the folder of a finished msp run")
     results = _read_run_json(run_dir, "results.json")
@@ -392,21 +428,22 @@ def build_recipe(run_dir: str | Path, pruner: str | None = None, granularity: st
     if not sparsities or set(sparsities) - set(params):
         missing = sorted(set(sparsities) - set(params))[:3]
         raise RecipeError(f"allocation.json and results.json of {run_dir} do not describe the same layers (e.g. {missing}); were they copied from different runs?")
-    mask, mask_note = _mask_structure(results)
-    prefix = block_prefix(list(sparsities))
-    means, ranges, dense = block_means(sparsities, params, prefix)
-    if mask != "0:0":  # N:M: the pattern alone decides which weights go; state the sparsity it implies
-        n_pruned, m = (int(x) for x in mask.split(":"))
-        means = [n_pruned / m] * len(means)
+    return _RunFiles(run_dir, results, chosen, sparsities, params)
 
+
+def _recipe_targets(run: _RunFiles, granularity: str, prefix: str, means: list[float], mask: str) -> tuple[list[str], list[float]]:
+    """The modifier's ``targets`` and its ``sparsity`` list, one value per target."""
     if granularity == "block":
-        values = [float(s) for s in means]
-        targets = [rf"re:{re.escape(prefix)}\.\d+$"]
-    else:  # every pruned Linear by its exact name; model order, which is the order llm-compressor assigns the list in
-        order = sorted(params, key=lambda n: int(n[len(prefix) + 1 :].split(".", 1)[0]))  # stable: keeps in-block order
-        targets = [n for n in order if sparsities[n] > 0]
-        values = [float(sparsities[n]) if mask == "0:0" else means[0] for n in targets]
-    modifier: dict = {"sparsity": values, "mask_structure": mask, "targets": targets, "ignore": ["re:.*lm_head", *dense]}
+        return [rf"re:{re.escape(prefix)}\.\d+$"], [float(s) for s in means]
+    # every pruned Linear by its exact name; model order, which is the order llm-compressor assigns the list in
+    order = sorted(run.params, key=lambda n: int(n[len(prefix) + 1 :].split(".", 1)[0]))  # stable: keeps in-block order
+    targets = [n for n in order if run.sparsities[n] > 0]
+    return targets, [float(run.sparsities[n]) if mask == "0:0" else means[0] for n in targets]
+
+
+def _pruner_options(modifier: dict, run: _RunFiles, pruner: str | None) -> list[str]:
+    """Add SparseGPTModifier's options from the run's pruner config to ``modifier``; the notes on what differs."""
+    results, chosen = run.results, run.modifier
     cfg = results.get("pruner_config") or {}
     notes: list[str] = []
     if chosen == "sparsegpt":
@@ -419,17 +456,22 @@ def build_recipe(run_dir: str | Path, pruner: str | None = None, granularity: st
             notes.append(f"the run quantized the kept weights jointly (pruner.bits={cfg.get('bits')}); this recipe only prunes: add a quantization stage (GPTQModifier) after it")
     if pruner and chosen != str(results.get("pruner")):
         notes.append(f"the run pruned with {results.get('pruner')}; this recipe uses {chosen} (--pruner) with the run's allocation")
+    return notes
 
-    spread = [(b, lo, hi) for b, (lo, hi) in enumerate(ranges) if hi - lo > 1e-9]
-    data = results.get("data") or {}
+
+def _recipe_comments(run: _RunFiles, granularity: str, prefix: str, means: list[float], ranges: list[tuple[float, float]],
+                     n_targets: int, dense: list[str]) -> list[str]:
+    """The comment lines above the recipe: where it comes from, what its sparsity list means, what it loses."""
+    results = run.results
     comments = [
-        f"llm-compressor recipe written by msp (python -m msp.export recipe) from {run_dir}",
+        f"llm-compressor recipe written by msp (python -m msp.export recipe) from {run.run_dir}",
         f"model={results.get('model')} pruner={results.get('pruner')} pattern={results.get('pattern')} "
         f"allocation={results.get('allocation')} target sparsity={results.get('target_sparsity')} measured={float(results.get('sparsity', float('nan'))):.4f}",
     ]
+    spread = [(b, lo, hi) for b, (lo, hi) in enumerate(ranges) if hi - lo > 1e-9]
     if granularity == "layer":
         comments += [
-            f"sparsity: one value per Linear layer of the decoder blocks, targeted by exact name ({len(targets)} layers);",
+            f"sparsity: one value per Linear layer of the decoder blocks, targeted by exact name ({n_targets} layers);",
             "llm-compressor assigns the list in model.named_modules() order, which is the order of `targets` here.",
             "The allocation is kept exactly (granularity=layer).",
         ]
@@ -451,16 +493,7 @@ def build_recipe(run_dir: str | Path, pruner: str | None = None, granularity: st
     if dense:
         comments.append(f"{len(dense)} layer(s) at sparsity 0 stay dense (in `ignore`" + (", left out of their block's mean)." if granularity == "block" else ")."))
     comments.append("Linear layers outside the decoder blocks (lm_head) are not targeted; lm_head is also ignored explicitly.")
-    if mask != "0:0":
-        comments += [f"mask_structure {mask!r} = msp pattern {results.get('pattern')}: llm-compressor's N counts pruned weights",
-                     "(msp's N counts kept ones); under N:M llm-compressor does not use the sparsity values."]
-    if mask_note:
-        comments.append(mask_note)
-    comments += notes
-    comments.append(f"msp calibrated on {data.get('calibration')}: {data.get('nsamples')} windows of {data.get('seqlen')} tokens "
-                    f"(oneshot: num_calibration_samples={data.get('nsamples')}, max_seq_length={data.get('seqlen')}).")
-    recipe = {"sparsity_stage": {"sparsity_modifiers": {RECIPE_MODIFIERS[chosen]: modifier}}}
-    return Recipe(recipe, comments, values, prefix)
+    return comments
 
 
 def write_recipe(run_dir: str | Path, out: str | Path, pruner: str | None = None, granularity: str = "block") -> Path:

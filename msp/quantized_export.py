@@ -125,6 +125,11 @@ def _compressors():
     return ModelCompressor, PackedQuantizationCompressor
 
 
+def check_available() -> None:
+    """Raise :class:`QuantizedExportError` in one line when compressed-tensors is not installed."""
+    _compressors()
+
+
 def _check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise QuantizedExportError(f"bits={bits} is not supported; valid: {', '.join(map(str, SUPPORTED_BITS))} (as pruner.bits)")
@@ -270,72 +275,22 @@ def save_pack_quantized(
     the key (``extra="ignore"``); vLLM builds its config from the keys it knows (read in its source, not run here).
     """
     _check_bits(bits)
-    ModelCompressor, PackedQuantizationCompressor = _compressors()
-    if not qparams:
-        raise QuantizedExportError("no qparams given: nothing to quantize (qparams_from_dense(dense weights, bits) before pruning)")
-    qparams = {name: LayerQParams(*qp) for name, qp in qparams.items()}
-    if dtype is not None and dtype not in FLOAT_DTYPES:
-        raise QuantizedExportError(f"dtype={dtype} is not a float dtype for the saved tensors; valid: {', '.join(map(str, FLOAT_DTYPES))}")
+    ModelCompressor, _ = _compressors()
+    qparams = _checked_qparams(qparams, dtype)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     checks = check_on_grid(linears, qparams, bits)
-
     grids = {name: _as_grid(qp, linears[name].weight, name) for name, qp in qparams.items()}
-    groups = {g for _, _, g in grids.values()}
-    in_features = {linears[n].in_features for n in grids}
-    per_channel = all(g == linears[n].in_features for n, (_, _, g) in grids.items())
-    if group_size is None and not per_channel:
-        raise QuantizedExportError(f"qparams hold per-group grids (group sizes {sorted(groups)}); pass group_size=")
-    if group_size is not None and groups != {group_size}:
-        raise QuantizedExportError(f"group_size={group_size} but the qparams' grids have group sizes {sorted(groups)} (in_features {sorted(in_features)})")
-    mid = 2 ** (bits - 1)
-    symmetric = all(bool(torch.all(zero == mid)) for _, zero, _ in grids.values())
+    symmetric = _grid_layout(grids, linears, group_size, bits)
     ignore = sorted(name for name in linears if name not in qparams)
     qconfig = build_quantization_config(bits, group_size, symmetric, ignore)
-    scheme = qconfig.config_groups["group_0"]
-
-    packed: dict[str, dict[str, torch.Tensor]] = {}  # layer → its compressed tensors (local names)
-    for name, (scale, zero, _) in grids.items():
-        weight = linears[name].weight.detach()
-        scale_dtype = dtype or (weight.dtype if weight.dtype in FLOAT_DTYPES else torch.float16)
-        local = {  # q is found in float32 (a bfloat16 w / scale can sit ~0.03 steps off), the scale stored in scale_dtype
-            "weight": weight.to(torch.float32),
-            "weight_scale": scale,
-            "weight_zero_point": (zero - mid).to(torch.int8),  # compressed-tensors' signed zero point
-        }
-        compressed = dict(PackedQuantizationCompressor.compress(local, scheme))
-        compressed["weight_scale"] = compressed["weight_scale"].to(scale_dtype)
-        restored = PackedQuantizationCompressor.decompress(compressed, scheme)["weight"]
-        # exact up to the scale's rounding to scale_dtype: (q − zp) · scale moves by at most maxq · |Δscale|
-        atol = float(scale.max()) * (1e-3 + (2**bits - 1) * torch.finfo(scale_dtype).eps)
-        if not torch.allclose(restored.float(), weight.float(), rtol=0, atol=atol):
-            diff = float((restored.float() - weight.float()).abs().max())
-            raise QuantizedExportError(f"layer {name}: compressed-tensors' pack/unpack moves the weight by {diff:.3g}; not exported")
-        packed[name] = {key: tensor.contiguous() for key, tensor in compressed.items()}
-
-    state: dict[str, torch.Tensor] = {}
-    cast: dict[tuple, torch.Tensor] = {}  # one cast per storage: tied weights (lm_head = embeddings) stay one tensor
-    for key, tensor in model.state_dict().items():
-        module, _, leaf = key.rpartition(".")
-        if leaf == "weight" and module in qparams:
-            state.update({f"{module}.{local}": tensor for local, tensor in packed[module].items()})
-        elif dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            source = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
-            state[key] = cast[source] if source in cast else cast.setdefault(source, tensor.to(dtype))
-        else:
-            state[key] = tensor
+    packed = {name: _pack_layer(name, linears[name].weight.detach(), grid, qconfig.config_groups["group_0"], bits, dtype)
+              for name, grid in grids.items()}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    model.save_pretrained(folder, state_dict=_export_state(model, packed, dtype), safe_serialization=True)
     ModelCompressor(quantization_config=qconfig).update_config(str(folder))
     dequantize_on_load = (not symmetric) if dequantize_on_load is None else bool(dequantize_on_load)
-    if dequantize_on_load or dtype is not None:
-        config_path = folder / "config.json"
-        config = json.loads(config_path.read_text())
-        if dequantize_on_load:
-            config["quantization_config"]["dequantize"] = True
-        if dtype is not None:
-            config["dtype"] = str(dtype).removeprefix("torch.")  # what from_pretrained loads the floats as
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    _patch_config(folder, dequantize_on_load, dtype)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(folder)
     result = QuantizedExport(
@@ -347,6 +302,79 @@ def save_pack_quantized(
         bits, "symmetric" if symmetric else "asymmetric", FORMAT, folder, result.layers, len(ignore), result.weights_bytes / 2**20,
     )
     return result
+
+
+def _checked_qparams(qparams: Mapping, dtype: torch.dtype | None) -> dict[str, LayerQParams]:
+    """The qparams as :class:`LayerQParams`; no qparams or a non-float ``dtype``: refused in one line."""
+    if not qparams:
+        raise QuantizedExportError("no qparams given: nothing to quantize (qparams_from_dense(dense weights, bits) before pruning)")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise QuantizedExportError(f"dtype={dtype} is not a float dtype for the saved tensors; valid: {', '.join(map(str, FLOAT_DTYPES))}")
+    return {name: LayerQParams(*qp) for name, qp in qparams.items()}
+
+
+def _grid_layout(grids: Mapping[str, tuple], linears: Mapping[str, nn.Linear], group_size: int | None, bits: int) -> bool:
+    """Check that the grids' group sizes match ``group_size`` (None: per channel); return whether they are symmetric
+    (every zero point the middle of the range)."""
+    groups = {g for _, _, g in grids.values()}
+    in_features = {linears[n].in_features for n in grids}
+    per_channel = all(g == linears[n].in_features for n, (_, _, g) in grids.items())
+    if group_size is None and not per_channel:
+        raise QuantizedExportError(f"qparams hold per-group grids (group sizes {sorted(groups)}); pass group_size=")
+    if group_size is not None and groups != {group_size}:
+        raise QuantizedExportError(f"group_size={group_size} but the qparams' grids have group sizes {sorted(groups)} (in_features {sorted(in_features)})")
+    mid = 2 ** (bits - 1)
+    return all(bool(torch.all(zero == mid)) for _, zero, _ in grids.values())
+
+
+def _pack_layer(name: str, weight: torch.Tensor, grid: tuple, scheme, bits: int, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """One layer's compressed tensors (local names), packed by compressed-tensors and unpacked again to check them."""
+    _, PackedQuantizationCompressor = _compressors()
+    scale, zero, _ = grid
+    scale_dtype = dtype or (weight.dtype if weight.dtype in FLOAT_DTYPES else torch.float16)
+    local = {  # q is found in float32 (a bfloat16 w / scale can sit ~0.03 steps off), the scale stored in scale_dtype
+        "weight": weight.to(torch.float32),
+        "weight_scale": scale,
+        "weight_zero_point": (zero - 2 ** (bits - 1)).to(torch.int8),  # compressed-tensors' signed zero point
+    }
+    compressed = dict(PackedQuantizationCompressor.compress(local, scheme))
+    compressed["weight_scale"] = compressed["weight_scale"].to(scale_dtype)
+    restored = PackedQuantizationCompressor.decompress(compressed, scheme)["weight"]
+    # exact up to the scale's rounding to scale_dtype: (q − zp) · scale moves by at most maxq · |Δscale|
+    atol = float(scale.max()) * (1e-3 + (2**bits - 1) * torch.finfo(scale_dtype).eps)
+    if not torch.allclose(restored.float(), weight.float(), rtol=0, atol=atol):
+        diff = float((restored.float() - weight.float()).abs().max())
+        raise QuantizedExportError(f"layer {name}: compressed-tensors' pack/unpack moves the weight by {diff:.3g}; not exported")
+    return {key: tensor.contiguous() for key, tensor in compressed.items()}
+
+
+def _export_state(model: nn.Module, packed: Mapping[str, dict[str, torch.Tensor]], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The state dict to save: packed layers' tensors in place of their weights, the rest cast to ``dtype``."""
+    state: dict[str, torch.Tensor] = {}
+    cast: dict[tuple, torch.Tensor] = {}  # one cast per storage: tied weights (lm_head = embeddings) stay one tensor
+    for key, tensor in model.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        if leaf == "weight" and module in packed:
+            state.update({f"{module}.{local}": t for local, t in packed[module].items()})
+        elif dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            source = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+            state[key] = cast[source] if source in cast else cast.setdefault(source, tensor.to(dtype))
+        else:
+            state[key] = tensor
+    return state
+
+
+def _patch_config(folder: Path, dequantize_on_load: bool, dtype: torch.dtype | None) -> None:
+    """Add ``dequantize: true`` (see :func:`save_pack_quantized`) and the float dtype to the saved ``config.json``."""
+    if not (dequantize_on_load or dtype is not None):
+        return
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    if dequantize_on_load:
+        config["quantization_config"]["dequantize"] = True
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")  # what from_pretrained loads the floats as
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -2,7 +2,7 @@
 
 Its keys are a contract: ``experiments/build_tables.py``, the W&B tracker, the skip-done sweep and the tests read
 them. Optional sections (``search``, ``sensitivity_method``, ``dense_zeroshot``, ``zeroshot``, ``saved_model``,
-``export``) appear only when the run produced them.
+``export``, ``quantized_export``) appear only when the run produced them.
 """
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ class RunResults:
     zeroshot: dict | None = None  # msp.eval.zeroshot.run_zeroshot: {"zeroshot": ..., "zeroshot_source": ...}
     saved_model: str | None = None
     export: dict | None = None
+    provenance: dict | None = None  # msp.run.provenance_of: versions, git, device name, seeds, weights and data SHA-256
+    quantized_export: dict | None = None  # export.quantized: msp.quantized_export.QuantizedExport.to_json() + dense_float16_bytes
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: getattr(self, k) for k in _ALWAYS}
@@ -58,6 +60,10 @@ class RunResults:
             out["saved_model"] = self.saved_model
         if self.export is not None:
             out["export"] = self.export
+        if self.provenance is not None:
+            out["provenance"] = self.provenance
+        if self.quantized_export is not None:
+            out["quantized_export"] = self.quantized_export
         return out
 
 

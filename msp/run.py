@@ -1,4 +1,4 @@
-"""One msp run as a sequence of stages: load → data → dense eval → allocation → prune → eval → zero-shot → export → results.
+"""One msp run as a sequence of stages: load → data → dense eval → allocation → prune → eval → zero-shot → export → results → summary.
 
 Library code with typed inputs; :mod:`msp.cli` composes the Hydra config, checks it once (:func:`validate_early`)
 and calls :func:`run`. Each stage is a small function; the stage meter records its time, and the results document
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from msp import data as data_mod
+from msp import provenance
 from msp.allocation.budget import check_target
 from msp.allocation.build import Allocated, AllocationContext, build_allocation, check_allocation_options
 from msp.cache import DiskCache, cache_key
@@ -69,6 +70,7 @@ class RunSpec:
     true_sequential: bool = False  # prune inside each block's forward, the calibration set as one batch (msp.prune.prune_)
     model_loader: str = "auto"  # model.loader: hf | gguf | tiny (auto: from the name)
     max_seqlen: int | None = None  # model.max_seqlen: the context checked before loading (None: checked after loading)
+    report: bool = True  # render summary.png / summary.md next to results.json (msp.report); a failure is a warning
     bos_per_window: bool = False  # model.bos_per_window: every window starts with the tokenizer's BOS token
 
 
@@ -103,17 +105,34 @@ def validate_early(spec: RunSpec) -> None:
         for name, lin in (skeleton_layers(spec.model) or {}).items():
             spec.pattern.check_divides(name, lin.in_features)
     _check_devices_and_memory(spec)
-    if (spec.export or {}).get("semi_structured"):
-        from msp.export import ExportError, check_export_pattern
-
-        try:
-            check_export_pattern(spec.pattern)  # a model that will not be 2:4: refuse before any pruning
-        except ExportError as exc:
-            raise ConfigError(str(exc)) from None
+    _check_export(spec)
     if spec.zeroshot and spec.zeroshot.get("tasks"):
         from msp.eval.zeroshot import check_tasks
 
         check_tasks(list(spec.zeroshot["tasks"]), spec.zeroshot.get("include_path"))  # a typo fails before pruning
+
+
+def _check_export(spec: RunSpec) -> None:
+    """export.semi_structured needs a 2:4 pattern; export.quantized a SparseGPT pruner that quantizes (pruner.bits)
+    and the compressed-tensors package: refuse before any pruning."""
+    export = spec.export or {}
+    if export.get("semi_structured"):
+        from msp.export import ExportError, check_export_pattern
+
+        try:
+            check_export_pattern(spec.pattern)  # a model that will not be 2:4
+        except ExportError as exc:
+            raise ConfigError(str(exc)) from None
+    if export.get("quantized"):
+        from msp.quantized_export import SUPPORTED_BITS, check_available
+
+        bits = getattr(spec.pruner, "bits", None)
+        if spec.pruner.name != "sparsegpt" or bits not in SUPPORTED_BITS:
+            raise ConfigError(
+                f"export.quantized=true needs pruner=sparsegpt pruner.bits=<{'|'.join(map(str, SUPPORTED_BITS))}> (the joint quantization "
+                f"whose grid it writes); got pruner={spec.pruner.name} pruner.bits={bits}. Add pruner=sparsegpt pruner.bits=4, or drop export.quantized=true"
+            )
+        check_available()  # compressed-tensors missing: one line now, not after the pruning
 
 
 def _check_devices_and_memory(spec: RunSpec) -> None:
@@ -186,6 +205,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
     with meter.stage("total"):
         with meter.stage("load_model"):
             loaded, plan = load_stage(spec, device, dtype)
+            weights = model_hash_stage(spec, loaded)  # before pruning rewrites the weights
         evaluator = make_evaluator(spec, loaded.model, device, plan)
         with meter.stage("data"):
             data = data_stage(spec, loaded, cache, model_key)
@@ -193,6 +213,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         dense_zs = dense_zeroshot_stage(spec, loaded, cache, model_key, meter)
         with meter.stage("allocation"):
             outcome = allocation_stage(spec, loaded.model, device, data, cache, model_key, plan, run_dir, tracker)
+        qparams = quantization_grid_stage(spec, loaded.model)
         with meter.stage("prune"):
             reports = prune_(loaded.model, spec.pruner, outcome.allocation, data.calibration_ids, device, spec.pattern, spec.batch_size,
                              store_device=plan.store, true_sequential=spec.true_sequential)
@@ -201,7 +222,8 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         ppl = eval_stage(spec, evaluator, data, meter)
         zeroshot = zeroshot_stage(spec, loaded, device, plan, meter)
         saved = save_stage(spec, loaded, run_dir, meter)
-        export = export_stage(spec, loaded, data, run_dir, meter)
+        quantized = quantized_export_stage(spec, loaded, qparams, run_dir, meter)
+        export = export_stage(spec, loaded, data, run_dir, meter)  # last: on a GPU it converts 2:4 layers in place
     results = RunResults(
         model=spec.model, pruner=spec.pruner.name, pruner_config=spec.pruner_config, pattern=str(spec.pattern),
         allocation=outcome.allocation.method, target_sparsity=outcome.allocation.target, sparsity=measured, dense_ppl=dense_ppl, ppl=ppl,
@@ -212,9 +234,12 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         config_hash=spec.config_hash, search=outcome.search,
         sensitivity_method=outcome.sensitivity.method if outcome.sensitivity is not None else None,
         sensitivity_seconds=outcome.sensitivity.seconds if outcome.sensitivity is not None else None,
-        dense_zeroshot=dense_zs, zeroshot=zeroshot, saved_model=saved, export=export,
+        dense_zeroshot=dense_zs, zeroshot=zeroshot, saved_model=saved, export=export, quantized_export=quantized,
+        provenance=provenance_of(spec, device, weights, data),
     ).to_json()
     write_json_atomic(run_dir / "results.json", results)
+    if spec.report:
+        report_stage(run_dir)
     tracker.log_results(results, run_dir)
     return results
 
@@ -230,6 +255,19 @@ def load_stage(spec: RunSpec, device: torch.device, dtype: torch.dtype) -> tuple
     if not plan.stream:
         loaded.model.to(device)  # streaming keeps the model on the CPU; msp.pipeline moves one block at a time
     return loaded, plan
+
+
+def model_hash_stage(spec: RunSpec, loaded: LoadedModel) -> dict:
+    """SHA-256 of the weights as loaded (files hashed once per path, size and mtime; see :mod:`msp.provenance`)."""
+    memo = Path(spec.cache_dir) / "file-hashes.json" if spec.cache_dir else None
+    return provenance.model_hash(spec.model, spec.model_loader, loaded.model, spec.model_revision, memo)
+
+
+def provenance_of(spec: RunSpec, device: torch.device, weights: dict, data: RunData) -> dict:
+    """``results.json``'s ``provenance``: code, libraries, device, seeds, config hash, weights and data hashes."""
+    return {**provenance.environment(device), "seeds": provenance.seeds_of(spec.seed, dict(spec.allocation)),
+            "config_hash": spec.config_hash, "model_sha256": weights,
+            "data_sha256": provenance.data_hashes(data.calibration_ids, data.heldout_tokens, data.eval_windows)}
 
 
 def make_evaluator(spec: RunSpec, model: torch.nn.Module, device: torch.device, plan: StreamingPlan) -> Evaluator:
@@ -323,6 +361,42 @@ def save_stage(spec: RunSpec, loaded: LoadedModel, run_dir: Path, meter: StageMe
     with meter.stage("save_model"):
         save_pruned_model(loaded, run_dir / "model")
     return str(run_dir / "model")
+
+
+def quantization_grid_stage(spec: RunSpec, model: torch.nn.Module) -> dict | None:
+    """export.quantized: the per-row grid of every prunable weight, taken from the *dense* weights (SparseGPT's joint
+    quantization takes its grid there), before pruning changes them; None otherwise."""
+    if not (spec.export or {}).get("quantized"):
+        return None
+    from msp.quantized_export import qparams_from_dense
+
+    return qparams_from_dense({n: lin.weight for n, lin in prunable_layers(model).items()}, int(spec.pruner.bits))
+
+
+def quantized_export_stage(spec: RunSpec, loaded: LoadedModel, qparams: dict | None, run_dir: Path, meter: StageMeter) -> dict | None:
+    """export.quantized: write ``<run dir>/model-quantized`` (compressed-tensors pack-quantized, float16 scales and
+    unpacked tensors, as deployed); its :class:`~msp.quantized_export.QuantizedExport` as JSON, with the dense
+    float16 size beside it."""
+    if qparams is None:
+        return None
+    from msp.quantized_export import save_pack_quantized
+
+    with meter.stage("quantized_export"):
+        result = save_pack_quantized(loaded.model, loaded.tokenizer, run_dir / "model-quantized", qparams,
+                                     bits=int(spec.pruner.bits), dtype=torch.float16)
+    dense_fp16 = 2 * sum(p.numel() for p in loaded.model.parameters())  # parameters() counts tied weights once
+    return {**result.to_json(), "dense_float16_bytes": dense_fp16}
+
+
+def report_stage(run_dir: Path) -> None:
+    """summary.png and summary.md next to results.json (:func:`msp.report.render_run`); a failure is one warning,
+    never the run's: the results are already written."""
+    try:
+        from msp.report import render_run
+
+        render_run(run_dir)  # logs where it wrote
+    except Exception as exc:  # noqa: BLE001 - a picture must never fail a finished run
+        log.warning("run summary not written (%s: %s); python -m msp.report %s retries it", type(exc).__name__, exc, run_dir)
 
 
 def export_stage(spec: RunSpec, loaded: LoadedModel, data: RunData, run_dir: Path, meter: StageMeter) -> dict | None:

@@ -33,6 +33,10 @@ def test_cli_tiny_llama_writes_valid_results(tmp_path):
     assert (run_dir / "allocation.json").exists() and (run_dir / ".hydra" / "config.yaml").exists()
     assert (run_dir / "model" / "model.safetensors").exists()
     assert "pruned ppl" in proc.stdout and "results:" in proc.stdout
+    # the run summary (report: true by default), rendered after results.json
+    png, md = (run_dir / "summary.png").read_bytes(), (run_dir / "summary.md").read_text()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert "summary.png" in md and "model.layers.0.self_attn.q_proj" in md and f"| wiki | {res['dense_ppl']['wiki']:.3f} | {res['ppl']['wiki']:.3f} |" in md
     # the saved model really holds the zeros
     from safetensors.torch import load_file
 
@@ -51,6 +55,38 @@ def test_cli_true_sequential_prunes_in_one_pass_to_the_target(tmp_path):
     assert "true_sequential: true" in (run_dir / ".hydra" / "config.yaml").read_text()
 
 
+def test_cli_quantized_export_loads_in_transformers_with_msps_logits(tmp_path):
+    """pruner=sparsegpt pruner.bits=4 export.quantized=true: <run dir>/model-quantized is a compressed-tensors
+    pack-quantized checkpoint that transformers loads; its logits are those of msp's pruned model (saved as it was in
+    memory with save_model=true, float32), up to the float16 export's rounding."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is a dependency of msp (pip install -e .)")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    proc = msp("model=tiny-llama", "data=tiny", "pruner=sparsegpt", "pruner.bits=4", "pruner.blocksize=32", "export.quantized=true",
+               "save_model=true", "report=false", f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((run_dir / "results.json").read_text())
+    q = res["quantized_export"]
+    assert q["folder"] == str(run_dir / "model-quantized") and (q["bits"], q["strategy"], q["layers"], q["ignored"]) == (4, "channel", 14, ["lm_head"])
+    assert 0 < q["weights_bytes"] < 0.6 * q["dense_float16_bytes"] and "quantized_export" in res["timings"]
+    assert not (run_dir / "summary.png").exists()  # report=false
+    config = json.loads((run_dir / "model-quantized" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized" and config["dtype"] == "float16"
+
+    reloaded = AutoModelForCausalLM.from_pretrained(run_dir / "model-quantized").eval()
+    in_memory = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
+    assert reloaded.dtype == torch.float16 and in_memory.dtype == torch.float32
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (reloaded(input_ids=ids).logits.float() - in_memory(input_ids=ids).logits).abs().max().item()
+    assert diff <= 2e-2, f"logits moved by {diff}"  # tests/test_quantized_export.py's FP16_LOGITS_ATOL
+    w_q = reloaded.model.layers[1].mlp.down_proj.weight
+    w = in_memory.model.layers[1].mlp.down_proj.weight
+    assert torch.equal(w_q == 0, w == 0)  # the pruned zeros come back as exact zeros
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -63,6 +99,10 @@ def test_cli_true_sequential_prunes_in_one_pass_to_the_target(tmp_path):
         (["model=hf", "model.name=/no/such/model"], "does not exist"),
         (["device=cuda"], "no CUDA GPU"),
         (["pruner.saliency=foo", "pruner=sparsegpt"], "valid: obs, isc"),
+        (["allocation=msp", "allocation.init=random"], "allocation.init='random' is unknown; valid: alpha, atp, best, dlp"),
+        (["allocation=atp", "allocation.beta_grid=[0.0,0.03]"], "must be [start, stop, step]"),
+        (["export.quantized=true", "pruner=sparsegpt"], "export.quantized=true needs pruner=sparsegpt pruner.bits=<2|3|4|8>"),
+        (["export.quantized=true", "pruner=wanda"], "got pruner=wanda pruner.bits=None"),
     ],
 )
 def test_bad_input_fails_with_one_clear_line_and_no_results(tmp_path, args, message):

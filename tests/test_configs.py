@@ -53,6 +53,7 @@ DOCUMENTED_TYPES = {
     "model.name": str, "data.calibration": str, "data.evaluation": (list, ListConfig), "data.nsamples": int, "data.seqlen": int,
     "data.heldout_fraction": float, "data.eval_windows": (int, type(None)), "eval.dense": bool, "eval.batch_size": int,
     "allocation.method": str, "logger.name": str, "zeroshot.tasks": (list, ListConfig), "export.semi_structured": bool,
+    "export.quantized": bool, "report": bool,
 }
 
 
@@ -80,12 +81,12 @@ def _pruned_counts_match(pruner, sparsity: float, pattern) -> None:
         assert int(zeros.sum()) >= prune_count(rows * cols, sparsity)
     elif layer_pattern.kind == "nm":
         assert (zeros.view(rows, cols // layer_pattern.m, layer_pattern.m).sum(-1) == layer_pattern.m - layer_pattern.n).all()
-    elif pruner.scores(weight, stats) is not None:  # score pruners: an exact count per row
+    elif pruner.score_based:  # score pruners: an exact count per row
         assert (zeros.sum(dim=1) == prune_count(cols, sparsity)).all()
     else:  # SparseGPT: an exact count per layer
         assert int(zeros.sum()) == prune_count(rows * cols, sparsity)
     kept = ~zeros
-    if not getattr(pruner, "bits", None) and pruner.scores(weight, stats) is not None:
+    if not getattr(pruner, "bits", None) and pruner.score_based:
         assert torch.equal(pruned[kept], weight[kept])  # score pruners only remove
 
 

@@ -2,7 +2,8 @@
 
 Each command line found in a fenced code block (``msp ...``, ``$ msp ...``, or after ``&&``) runs as written, with tiny
 settings appended after it (later Hydra overrides win): ``model=tiny-llama data=tiny`` with short windows, a run (or
-sweep) folder and a cache folder of the test's own, two generations for the search, two examples per zero-shot task.
+sweep) folder and a cache folder of the test's own, two generations for the search, two examples per zero-shot task,
+no run summary (``report=false``).
 A line that cannot run here says why with a trailing ``# needs: gpu`` / ``# needs: hub`` / ``# needs: slurm`` and is
 reported as skipped with that reason. ``<run dir>`` in a command stands for the directory of the run of the nearest
 command above it in the same file. Every run must exit with 0 and write ``results.json`` (a sweep: in every job folder).
@@ -30,7 +31,8 @@ KNOWN_NEEDS = {"gpu", "hub", "slurm"}
 MAX_SKIPPED = 6  # documentation is for commands that run: keep the marked ones few
 
 # appended after every documented command; later overrides win
-TINY = ["model=tiny-llama", "data=tiny", "data.nsamples=4", "data.seqlen=64", "data.eval_windows=4"]
+TINY = ["model=tiny-llama", "data=tiny", "data.nsamples=4", "data.seqlen=64", "data.eval_windows=4",
+        "report=false"]  # the run summary (seconds of matplotlib per run) is tested in tests/test_cli.py
 PLACEHOLDER = "<run dir>"
 
 
@@ -86,7 +88,9 @@ def tiny_overrides(args: list[str], run_dir: Path, cache_dir: Path, multirun: bo
         extra.append(f"hydra.sweep.dir={run_dir}")
     elif not any(a.startswith("hydra.run.dir=") for a in args):
         extra.append(f"hydra.run.dir={run_dir}")
-    if "allocation=msp" in joined or "experiment=" in joined:  # the search (also inside the experiment grids)
+    if "experiment=" in joined:  # the search inside the experiment grids: the allocators' schemas have no generations
+        extra.append("search_generations=2")
+    elif "allocation=msp" in joined:  # the search
         extra.append("++allocation.generations=2")
     if "zeroshot=" in joined:
         extra.append("zeroshot.limit=2")

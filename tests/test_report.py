@@ -137,3 +137,16 @@ def test_import_stays_light():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_run_stage_turns_a_failure_into_one_warning(tmp_path, caplog):
+    """msp.run.report_stage runs after results.json is written: a folder it cannot render is a warning, not an error."""
+    import logging
+
+    from msp.run import report_stage
+
+    with caplog.at_level(logging.WARNING, logger="msp.run"):
+        report_stage(tmp_path)  # no results.json: render_run raises ReportError
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "run summary not written (ReportError" in warnings[0].getMessage()
+    assert not (tmp_path / "summary.png").exists()

@@ -2,7 +2,9 @@
 resume is exact, thresholded rankings equal the pruners' masks, and on tiny-llama the search lowers the fitness."""
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,7 +18,8 @@ from msp.masks import Pattern, mask_from_scores
 from msp.models import build_tiny_model, prunable_layers
 from msp.pipeline import sequential_pass
 from msp.pruners import MagnitudePruner, SparseGPTPruner, WandaPruner
-from msp.search.allocator import STATE_FILE, search_units
+from msp.search.allocator import STATE_FILE, search_units, store_grid
+from msp.search.settings import parse_options
 from msp.search.evolution import (
     Evolution,
     EvolutionConfig,
@@ -24,18 +27,22 @@ from msp.search.evolution import (
     SearchSpace,
     SearchState,
     crossover,
+    history_path,
     mutate,
     repair,
     snap,
 )
-from msp.search.grid import build_grid
+from msp.search.grid import build_grid, fit_store_levels
 from msp.search.fitness import (
     CandidateModel,
     ModelFitness,
     RankingVariants,
     StoredVariants,
     mask_from_ranking,
+    pack_weight,
+    packed_nbytes,
     precompute_variants,
+    store_estimate,
     ranking_of,
 )
 
@@ -155,6 +162,55 @@ def test_resume_after_an_interruption_gives_the_same_result(tmp_path):
     assert [(h["best"], h["mean"]) for h in resumed.history] == [(h["best"], h["mean"]) for h in full.history]
 
 
+def test_resume_after_a_kill_between_the_history_append_and_the_state_write(tmp_path):
+    """The history line of generation k+1 (and a line cut short after it) reached the disk, the state of k+1 did
+    not: the resume drops those lines and continues to the uninterrupted result, history and all."""
+    space, t, c = _separable(seed=3)
+    cfg = EvolutionConfig(generations=12, population=3, offspring=5, survivors=(2,), crossover=0.5, seed=7)
+    fitness = lambda g, s: float(np.sum(c * np.abs(g - t) ** 1.5)) + 0.1 * s  # noqa: E731
+    start = [np.zeros(len(t), np.int64)]
+    full = Evolution(space, cfg, checkpoint=tmp_path / "full.json").run(fitness, start)
+    assert [json.loads(line) for line in history_path(tmp_path / "full.json").read_text().splitlines()] == full.history
+    assert "history" not in json.loads((tmp_path / "full.json").read_text())  # the state stays O(population)
+
+    ahead = tmp_path / "ahead" / "search_state.json"  # one generation further than the state we keep
+    Evolution(space, replace(cfg, generations=6), checkpoint=ahead).run(fitness, start)
+    path = tmp_path / "torn" / "search_state.json"
+    Evolution(space, replace(cfg, generations=5), checkpoint=path).run(fitness, start)
+    torn = history_path(ahead).read_text() + '{"generation": 7, "be'
+    history_path(path).write_text(torn)
+    assert SearchState.load(path).generation == 5 and len(history_path(path).read_text().splitlines()) == 6  # truncated
+
+    history_path(path).write_text(torn)
+    resumed = Evolution(space, cfg, checkpoint=path).run(fitness, lambda: pytest.fail("no rebuild"), resume=True)
+    assert resumed.resumed_from == 5
+    assert [g.tolist() for g in resumed.population] == [g.tolist() for g in full.population]
+    assert [(h["generation"], h["best"], h["mean"]) for h in resumed.history] == [(h["generation"], h["best"], h["mean"]) for h in full.history]
+    on_disk = [json.loads(line) for line in history_path(path).read_text().splitlines()]
+    assert [h["generation"] for h in on_disk] == list(range(cfg.generations + 1))
+
+    history_path(path).write_text("".join(torn.splitlines(keepends=True)[:3]))  # lines lost: refused, not guessed
+    with pytest.raises(SearchError, match=r"search_history.jsonl holds 3 generation\(s\), the state is at generation 12"):
+        SearchState.load(path)
+
+
+def test_a_version_1_checkpoint_with_the_history_inside_still_resumes(tmp_path):
+    space, t, c = _separable(seed=3)
+    cfg = EvolutionConfig(generations=8, population=3, offspring=5, seed=7)
+    fitness = lambda g, s: float(np.sum(c * np.abs(g - t) ** 1.5))  # noqa: E731
+    start = [np.zeros(len(t), np.int64)]
+    full = Evolution(space, cfg, checkpoint=tmp_path / "full.json").run(fitness, start)
+    path = tmp_path / "old" / "search_state.json"
+    Evolution(space, replace(cfg, generations=3), checkpoint=path).run(fitness, start)
+    old = {**json.loads(path.read_text()), "version": 1, "history": SearchState.load(path).history}
+    path.write_text(json.dumps(old))
+    history_path(path).unlink()
+    resumed = Evolution(space, cfg, checkpoint=path).run(fitness, start, resume=True)
+    assert resumed.resumed_from == 3 and resumed.best.tolist() == full.best.tolist()
+    assert [(h["best"], h["mean"]) for h in resumed.history] == [(h["best"], h["mean"]) for h in full.history]
+    assert len(history_path(path).read_text().splitlines()) == cfg.generations + 1
+
+
 def test_checkpoint_from_another_configuration_is_refused(tmp_path):
     space, t, c = _separable()
     fitness = lambda g, s: float(np.sum(c * (g - t) ** 2))  # noqa: E731
@@ -256,6 +312,54 @@ def test_sparsegpt_store_holds_prune_weight_per_level(tmp_path):
     with pytest.raises(SearchError, match="allocation.max_levels=1"):
         precompute_variants(lm.model, layers, pruner, Pattern.parse("unstructured"), calib, torch.device("cpu"),
                             levels=levels, max_levels=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_packed_levels_rebuild_the_weight_bit_for_bit_and_cost_kept_values_plus_a_bitmask(tmp_path, dtype):
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    weight[weight.abs() < 0.8] = 0.0  # ~58% pruned
+    weight[0, :3] = torch.tensor([-0.0, 0.0, -0.0], dtype=dtype)  # −0.0 is kept (its bits are not +0.0's)
+    sparse = torch.zeros(8, 64, dtype=dtype)
+    sparse[2, 5], sparse[7, 63] = -1.5, 2.0  # 2 of 512 kept: indices are smaller than the bitmask
+    memory, disk = StoredVariants({"w": weight.float()}), StoredVariants({"w": weight.float()}, tmp_path)
+    for store in (memory, disk):
+        store.put("w", 0.5, weight)
+        store.put("w", 0.99, sparse)
+        for s, w in ((0.5, weight), (0.99, sparse)):
+            rebuilt = store.weight("w", s)
+            assert rebuilt.dtype == torch.float32
+            assert torch.equal(rebuilt.to(dtype).view(torch.uint8), w.view(torch.uint8)), (store.folder, s)  # bit for bit
+    kept = int((weight.view(torch.uint8).reshape(512, -1) != 0).any(1).sum())
+    size = torch.finfo(dtype).bits // 8
+    assert memory.store_bytes() == disk.store_bytes() == kept * size + 512 // 8 + 2 * size + 2 * 4
+    assert memory.store_bytes() == packed_nbytes(512, kept, size) + packed_nbytes(512, 2, size)
+    assert "index" in pack_weight(sparse) and "mask" in pack_weight(weight)
+
+
+def test_default_store_grid_costs_a_third_of_dense_float16_copies():
+    """6 levels 0.5, 0.58, …, 0.9 (70% ± 0.2) of one 4096-weight layer: Σ (1−s)·2 + 6/8 bytes per weight, not 6·2."""
+    levels = [0.5, 0.58, 0.66, 0.74, 0.82, 0.9]
+    per_weight = store_estimate([4096], [levels], 2) / 4096
+    assert per_weight == pytest.approx(2 * (6 - sum(levels)) + 6 / 8, abs=1e-3)  # 4.35 bytes (dense copies: 12)
+
+
+def test_store_budget_picks_the_most_levels_that_fit():
+    unit_params = [4096] * 8
+    args = (unit_params, 0.7, Pattern.parse("unstructured"), (0.5, 0.9), 0.025)
+    base = parse_options({"method": "msp", "granularity": "layer"}, 0.7, Pattern.parse("unstructured"))
+    layers = [[n] for n in unit_params]
+    grid, _, same = store_grid(base, args, layers)
+    assert same.max_levels == 6 and grid.most_levels() <= 6  # no budget: allocation.max_levels as before
+    for levels in (17, 9):
+        need = store_estimate(unit_params, [fit_store_levels(*args, levels)[0].levels(u) for u in range(8)], 2)
+        grid, _, picked = store_grid(replace(base, store_budget_gb=need / 1e9), args, layers)
+        assert picked.max_levels == levels and grid.most_levels() <= levels
+        grid, _, picked = store_grid(replace(base, store_budget_gb=need / 1e9 * 0.999), args, layers)
+        assert picked.max_levels < levels
+    with pytest.raises(AllocationError, match="allocation.store_budget_gb=1e-06 is too small"):
+        store_grid(replace(base, store_budget_gb=1e-6), args, layers)
+    with pytest.raises(AllocationError, match="allocation.store_budget_gb=0 must be > 0"):
+        parse_options({"store_budget_gb": 0}, 0.7, Pattern.parse("unstructured"))
 
 
 def test_store_uses_a_pruners_all_levels_call_when_it_has_one():
@@ -365,7 +469,7 @@ def test_search_lowers_the_fitness_on_tiny_llama_and_restores_the_dense_weights(
     assert (tmp_path / STATE_FILE).exists()
     assert list(report) == [  # results.json["search"]: these keys, in this order
         "generations", "evaluations", "fitness", "history", "initial_fitness", "best_fitness", "start_fitness", "init",
-        "granularity", "units", "initial_units", "grid", "candidates", "stage_tokens", "resumed_from", "layer_swaps",
+        "init_chosen", "init_scores", "granularity", "units", "initial_units", "grid", "candidates", "stage_tokens", "resumed_from", "layer_swaps",
         "wall_seconds", "cpu_seconds", "variant_windows", "checkpoint",
     ]
     assert report["start_fitness"] == {"uniform": report["initial_fitness"]}
@@ -447,3 +551,46 @@ def test_block_units_group_each_blocks_layers(tmp_path):
     names, units = search_units(ctx, "block")
     assert names == ["model.layers.0", "model.layers.1"]
     assert [len(u) for u in units] == [7, 7] and sorted(sum(units, [])) == sorted(ctx.layers)
+
+
+# ------------------------------------------------------------------------------------------ any start, init=best
+
+
+@pytest.mark.parametrize("init, seed", [("uniform", 0), ("alpha", 1), ("dlp", 2)])
+def test_elitism_never_returns_worse_than_its_start_on_its_own_fitness(tmp_path, init, seed):
+    """The reported start and result are the fitness of those allocations, re-scored independently (a fresh variant
+    pass and fitness on the same held-out windows), and the result is never worse than the start."""
+    from types import SimpleNamespace
+
+    from msp.allocation.base import Allocation
+    from msp.allocation.baselines import heldout_scorer
+
+    ctx = _ctx(tmp_path, seed=seed)
+    report = build_allocation(ctx, {**SMALL, "init": init, "extra": [], "generations": 3, "crossover": 0.5, "seed": seed}).search
+    assert report["best_fitness"] <= report["initial_fitness"]
+    bests = [h["best"] for h in report["history"]]
+    assert all(b <= a for a, b in zip(bests, bests[1:]))  # elitist: the generation's best never rises
+    assert report["init_chosen"] == init and report["init_scores"] == {}
+    final_stage = {"fitness": "kl", "fitness_tokens": 192, "fitness_seqlen": 64, "fitness_batch_size": 4, "variant_nsamples": 8}
+    start = Allocation(report["initial_units"], 0.7, "start")  # granularity=layer: units are the layers
+    best = Allocation(report["units"], 0.7, "best")
+    with heldout_scorer(ctx, [start, best], SimpleNamespace(**final_stage)) as score:
+        assert score(start) == pytest.approx(report["initial_fitness"], rel=1e-6)
+        assert score(best) == pytest.approx(report["best_fitness"], rel=1e-6)
+
+
+def test_init_best_scores_every_cheap_allocator_and_starts_from_the_best(tmp_path):
+    from msp.search.settings import BEST_INITS
+
+    ctx = _ctx(tmp_path)
+    outcome = build_allocation(ctx, {**SMALL, "init": "best", "extra": ["uniform"], "generations": 2})
+    report = outcome.search
+    scores = report["init_scores"]
+    assert list(scores) == list(BEST_INITS) == ["uniform", "owl", "alpha", "dlp", "fisher"]
+    assert all(math.isfinite(v) and v > 0 for v in scores.values())
+    assert report["init_chosen"] == min(scores, key=lambda m: (scores[m], BEST_INITS.index(m)))
+    assert report["initial_fitness"] == scores[report["init_chosen"]]
+    assert report["start_fitness"][report["init_chosen"]] == scores[report["init_chosen"]]
+    assert report["best_fitness"] <= min(scores.values())
+    assert outcome.allocation.meta["init"] == "best" and outcome.allocation.meta["init_chosen"] == report["init_chosen"]
+    assert outcome.allocation.weighted_mean(ctx.params) == pytest.approx(0.7, abs=1e-12)

@@ -145,3 +145,35 @@ def test_dedup_keeps_the_newest_run_of_a_config_hash(fixture_runs):
     a = [r for r in runs if r["config_hash"] == "a"]
     assert len(a) == 1 and a[0]["ppl"]["wiki"] == 12.0
     assert len(runs) == 6
+
+
+def provenance(torch_version: str = "2.5.0", calibration: str = "c1") -> dict:
+    return {"msp_version": "0.1.0", "git": {"revision": "f" * 40, "dirty": False},
+            "versions": {"python": "3.11.7", "torch": torch_version, "transformers": "4.0", "lm_eval": None, "datasets": "3.0"},
+            "device_name": "cpu model", "seeds": {"seed": 0}, "config_hash": "x",
+            "model_sha256": {"source": "state_dict", "sha256": "m" * 64},
+            "data_sha256": {"calibration": calibration, "heldout": "h", "evaluation": {"wiki": "w"}}}
+
+
+def with_provenance(path: Path, prov: dict) -> None:
+    res = json.loads(path.read_text())
+    path.write_text(json.dumps({**res, "provenance": prov}))
+
+
+def test_a_table_mixing_versions_or_data_hashes_is_warned_about(tmp_path):
+    root = tmp_path / "sweep"
+    a = run(root / "0", pruner="wanda", allocation="uniform", sparsity=0.5, ppl=12.0, h="a")
+    b = run(root / "1", pruner="wanda", allocation="uniform", sparsity=0.7, ppl=40.0, h="b", seed=1)
+    with_provenance(a, provenance())
+    with_provenance(b, {**provenance(), "seeds": {"seed": 1}, "config_hash": "y"})  # seeds and hashes may differ
+    proc = build([root], tmp_path / "tables", "--no-plots")
+    assert proc.returncode == 0 and "mixes runs" not in proc.stderr, proc.stderr
+    with_provenance(b, provenance(torch_version="2.6.0", calibration="c2"))
+    proc = build([root], tmp_path / "tables", "--no-plots")
+    warnings = [line for line in proc.stderr.splitlines() if "mixes runs" in line]
+    assert warnings == ["warning: table tiny / perplexity on wiki mixes runs that differ in data_sha256.calibration, versions.torch"]
+    (root / "2").mkdir()  # a run from before provenance existed
+    run(root / "2", pruner="magnitude", allocation="uniform", sparsity=0.5, ppl=90.0, h="c")
+    with_provenance(b, provenance())
+    proc = build([root], tmp_path / "tables", "--no-plots")
+    assert "differ in provenance (missing in 1 of 3 runs)" in proc.stderr

@@ -25,6 +25,9 @@ ALLOCATORS: dict[str, AllocatorEntry] = {
     "rank": AllocatorEntry("msp.allocation.allocators:rank_allocator", "msp.config:RankAllocation"),
     "fisher": AllocatorEntry("msp.allocation.allocators:fisher_allocator", "msp.config:FisherAllocation"),
     "hessian": AllocatorEntry("msp.allocation.allocators:hessian_allocator", "msp.config:HessianAllocation"),
+    "alpha": AllocatorEntry("msp.allocation.baselines:alpha_allocator", "msp.config:AlphaAllocation", "msp.allocation.baselines:check_alpha"),
+    "dlp": AllocatorEntry("msp.allocation.baselines:dlp_allocator", "msp.config:DlpAllocation", "msp.allocation.baselines:check_dlp"),
+    "atp": AllocatorEntry("msp.allocation.baselines:atp_allocator", "msp.config:AtpAllocation", "msp.allocation.baselines:check_atp"),
     # the evolutionary search (msp.search) is an allocator like the others: allocation=msp, options allocation.*
     "msp": AllocatorEntry("msp.search.allocator:msp_allocator", "msp.search.settings:SearchConfig", "msp.search.allocator:check_options"),
 }

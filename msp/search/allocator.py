@@ -25,9 +25,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,15 @@ import torch
 
 from msp import data as data_mod
 from msp.allocation.base import Allocation, AllocationError
-from msp.allocation.build import Allocated, AllocationContext, build_allocation
+from msp.allocation.baselines import BLOCK_ONLY
+from msp.allocation.build import Allocated, AllocationContext, allocator_entry, build_allocation
+from msp.allocation.registry import load
 from msp.masks import Pattern
 from msp.models import find_blocks, layer_block_index
 from msp.search.evolution import Evolution, SearchResult, mutate, snap
-from msp.search.fitness import CandidateModel, LayerVariants, ModelFitness, precompute_variants, resolve_mode
+from msp.search.fitness import CandidateModel, LayerVariants, ModelFitness, precompute_variants, resolve_mode, store_estimate
 from msp.search.grid import Grid, build_grid, fit_store_levels
-from msp.search.settings import STATE_FILE, Settings, parse_options
+from msp.search.settings import BEST_INITS, STATE_FILE, Settings, parse_options
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocated:
     search = build_search(ctx, settings)
     check_checkpoint(search)
     with candidate_source(ctx, search) as source:
+        last = settings.config.stages - 1
+        search.start.score = lambda genome: search.evolution.score(source.fitness, genome, last)
         t0, c0 = time.perf_counter(), time.process_time()
         result = search.evolution.run(source.fitness, search.start, resume=settings.resume, resume_from=search.source)
         # the start population (e.g. the Fisher pass) is timed on its own, inside the run
@@ -84,12 +89,12 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocated:
              search.start.wall, seconds[0])
     best = search.grid.sparsities(result.best)
     sparsities = {name: float(best[u]) for u, names in enumerate(search.units) for name in names}
-    meta = {"granularity": settings.granularity, "init": settings.init, "fitness": settings.metric,
+    meta = {"granularity": settings.granularity, "init": settings.init, "init_chosen": search.start.chosen, "fitness": settings.metric,
             "best_fitness": result.best_fitness, "initial_fitness": result.initial_fitness}
     if ctx.pattern.kind == "mixed_nm":
         meta["achieved_mean"] = search.grid.achieved
     allocation = Allocation(sparsities, settings.target, "msp", meta)
-    return Allocated(allocation, sensitivity=search.start.sensitivity.get(settings.init), search=report.to_json())
+    return Allocated(allocation, sensitivity=search.start.sensitivity.get(search.start.chosen), search=report.to_json())
 
 
 def _fixed_pattern(ctx: AllocationContext) -> Allocated:
@@ -144,7 +149,10 @@ def build_search(ctx: AllocationContext, settings: Settings) -> Search:
     params = ctx.params
     unit_params = [sum(params[n] for n in names) for names in units]
     grid_args = (unit_params, settings.target, ctx.pattern, settings.bounds, settings.step)
-    grid, step = fit_store_levels(*grid_args, settings.max_levels) if mode == "store" else (build_grid(*grid_args), settings.step)
+    if mode == "store":
+        grid, step, settings = store_grid(settings, grid_args, [[params[n] for n in names] for names in units])
+    else:
+        grid, step = build_grid(*grid_args), settings.step
     if ctx.pattern.kind == "mixed_nm" and abs(grid.achieved - settings.target) > 1e-9:
         log.info("search: pattern=%s reaches mean sparsity %.5f, the nearest to sparsity=%s on the k/%d grid", ctx.pattern,
                  grid.achieved, settings.target, ctx.pattern.m)
@@ -155,6 +163,37 @@ def build_search(ctx: AllocationContext, settings: Settings) -> Search:
     start = StartPopulation(ctx, settings, grid, units)
     return Search(settings, mode, unit_names, units, grid, step, windows, windows_per_stage, start, evolution,
                   settings.checkpoint_source(ctx.run_dir))
+
+
+#: the finest store grid ``allocation.store_budget_gb`` picks: 17 levels over ±0.2 is the 0.025 step
+MAX_STORE_LEVELS = 17
+
+
+def store_grid(settings: Settings, grid_args: tuple, layer_params: list[list[int]]) -> tuple[Grid, float, Settings]:
+    """Store mode's grid: at most ``allocation.max_levels`` levels per unit, or with ``allocation.store_budget_gb``
+    the most levels (≤ :data:`MAX_STORE_LEVELS`) whose packed store (:func:`store_estimate`) fits the budget; the
+    settings come back with the ``max_levels`` used. ``layer_params``: the weight counts of each unit's layers."""
+    if settings.store_budget_gb is None:
+        return (*fit_store_levels(*grid_args, settings.max_levels), settings)
+    budget = settings.store_budget_gb * 1e9
+    element = torch.finfo(getattr(torch, settings.store_dtype)).bits // 8
+    sizes = [n for unit in layer_params for n in unit]
+    need = math.inf
+    for levels in range(MAX_STORE_LEVELS, 1, -1):
+        try:
+            grid, step = fit_store_levels(*grid_args, levels, quiet=True)
+        except AllocationError:
+            break  # so few levels that no unit can move: fewer cannot either
+        need = store_estimate(sizes, [grid.levels(u) for u, unit in enumerate(layer_params) for _ in unit], element)
+        if need <= budget:
+            levels = max(levels, grid.most_levels())  # a mixed N:M grid has its k/M levels whatever the bound
+            log.info("search: allocation.store_budget_gb=%g holds %d levels per layer (step %.4f, %.2f GB)", settings.store_budget_gb,
+                     grid.most_levels(), step, need / 1e9)
+            return grid, step, replace(settings, max_levels=levels)
+    raise AllocationError(
+        f"allocation.store_budget_gb={settings.store_budget_gb:g} is too small: the coarsest grid that can move already needs {need / 1e9:.3g} GB "
+        f"of packed variants; raise it, narrow allocation.min/max, or use allocation.granularity=block"
+    )
 
 
 def fitness_windows(ctx: AllocationContext, settings: Settings) -> tuple[torch.Tensor, list[int]]:
@@ -206,34 +245,61 @@ class StartPopulation:
         self.ctx, self.settings, self.grid, self.units = ctx, settings, grid, units
         self.named: dict[str, np.ndarray] = {}
         self.sensitivity: dict[str, Any] = {}  # allocator → the SensitivityReport its start was derived from
+        self.scores: dict[str, float] = {}  # init=best: every candidate's fitness (final stage)
+        self.chosen = settings.init  # the allocator the population starts from (init=best: the best of BEST_INITS)
+        self.score: Callable[[np.ndarray], float] | None = None  # the search's fitness (final stage); set before the run
         self.wall = self.cpu = 0.0
+        self._snapped: dict[str, np.ndarray] = {}
 
     def __call__(self) -> list[np.ndarray]:
         w0, p0 = time.perf_counter(), time.process_time()
-        st, grid = self.settings, self.grid
-        uniform = snap(grid.real_levels([st.target] * len(self.units)), grid.space)
-        first = uniform if st.init == "uniform" else self._snap(st.init, st.init_options)
-        self.named[st.init] = first
+        st = self.settings
+        first = self._best() if st.init == "best" else self._genome(st.init, st.init_options)
+        self.named[self.chosen] = first
         genomes = [first]
         for e in st.extra:
-            if e == "uniform":
-                self.named["uniform"] = uniform
-                genomes.append(uniform)
-            elif e == "owl" and st.init != "owl":
-                self.named["owl"] = self._snap("owl", {})
-                genomes.append(self.named["owl"])
+            if e == "uniform" or e != self.chosen:  # uniform always (as before); owl unless the search starts from it
+                self.named[e] = self._genome(e, {})
+                genomes.append(self.named[e])
         rng = np.random.default_rng(st.config.seed + 1)
         for _ in range(st.config.population - len(genomes)):
-            genomes.append(mutate(first, grid.space, rng, st.init_swaps))
-        log.info("search: initial population of %d (%s snapped to the grid, %s, perturbed copies)", len(genomes), st.init,
+            genomes.append(mutate(first, self.grid.space, rng, st.init_swaps))
+        log.info("search: initial population of %d (%s snapped to the grid, %s, perturbed copies)", len(genomes), self.chosen,
                  ", ".join(st.extra) or "no extras")
         self.wall, self.cpu = time.perf_counter() - w0, time.process_time() - p0
         return genomes
 
+    def _best(self) -> np.ndarray:
+        """init=best: every allocator of BEST_INITS snapped to the grid and scored by the search's own fitness (the
+        scores are memoised by the evolution, so the initial population does not score them again); the best wins,
+        the first of BEST_INITS on ties."""
+        if self.score is None:
+            raise AllocationError("allocation.init=best needs the search's fitness before the start population is built")
+        for method in BEST_INITS:
+            self.scores[method] = float(self.score(self._genome(method, {})))
+            log.info("search: init=best: %s scores %.6g", method, self.scores[method])
+        self.chosen = min(self.scores, key=lambda m: (self.scores[m], BEST_INITS.index(m)))
+        log.info("search: init=best starts from %s (%.6g)", self.chosen, self.scores[self.chosen])
+        return self._snapped[self.chosen]
+
+    def _genome(self, method: str, extra_options: dict) -> np.ndarray:
+        """The genome of allocator ``method`` (uniform: the target everywhere), computed once."""
+        if method not in self._snapped:
+            if method == "uniform":
+                self._snapped[method] = snap(self.grid.real_levels([self.settings.target] * len(self.units)), self.grid.space)
+            else:
+                self._snapped[method] = self._snap(method, extra_options)
+        return self._snapped[method]
+
     def _snap(self, method: str, extra_options: dict) -> np.ndarray:
-        """Run allocator ``method`` (one of settings.INITS, all in the registry) and put its per-unit sparsities on the grid."""
+        """Run allocator ``method`` (one of settings.INITS, all in the registry) and put its per-unit sparsities on the grid.
+        The search's granularity and bounds are passed to allocators that take them (dlp and atp are per block)."""
         lo, hi = self.settings.bounds
-        opts = {"method": method, "granularity": self.settings.granularity, "min": lo, "max": hi, **extra_options}
+        keys = {f.name for f in dataclass_fields(load(allocator_entry(method).schema))}
+        passed = {"granularity": self.settings.granularity, "min": lo, "max": hi}
+        if method in BLOCK_ONLY:
+            passed.pop("granularity")
+        opts = {"method": method, **{k: v for k, v in passed.items() if k in keys}, **extra_options}
         outcome = build_allocation(self.ctx, opts)
         if outcome.sensitivity is not None:
             self.sensitivity[method] = outcome.sensitivity
@@ -306,6 +372,8 @@ class SearchReport:
     best_fitness: float
     start_fitness: dict[str, Any]  # named start (init, extras) → its final-stage fitness
     init: str
+    init_chosen: str  # the allocator the search started from (init=best: the best-scoring one; else init)
+    init_scores: dict[str, float]  # init=best: every candidate's final-stage fitness; {} otherwise
     granularity: str
     units: dict[str, float]  # unit → sparsity of the best genome
     initial_units: dict[str, float]
@@ -332,6 +400,7 @@ class SearchReport:
             generations=result.generations, evaluations=result.evaluations, fitness=st.metric, history=result.history,
             initial_fitness=result.initial_fitness, best_fitness=result.best_fitness,
             start_fitness={k: search.evolution.cached(g, last) for k, g in start.named.items()}, init=st.init,
+            init_chosen=start.chosen, init_scores=dict(start.scores),
             granularity=st.granularity, units=dict(zip(search.unit_names, grid.sparsities(result.best))),
             initial_units=dict(zip(search.unit_names, grid.sparsities(result.initial))),
             grid={"step": search.step, "min": st.bounds[0], "max": st.bounds[1], "weights_per_step": grid.step_weights,
@@ -367,4 +436,4 @@ def _tracker_callback(ctx: AllocationContext):
 
 
 __all__ = ["msp_allocator", "check_options", "build_search", "check_checkpoint", "candidate_source", "Search", "StartPopulation",
-           "CandidateSource", "SearchReport", "search_units", "fitness_windows", "fingerprint_fields", "STATE_FILE"]
+           "CandidateSource", "SearchReport", "search_units", "store_grid", "MAX_STORE_LEVELS", "fitness_windows", "fingerprint_fields", "STATE_FILE"]

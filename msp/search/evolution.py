@@ -19,8 +19,9 @@ re-scored on more tokens (multi-fidelity: ``survivors`` per stage), and the next
 parents and final-stage offspring. The fitness is passed to :meth:`Evolution.run`: ``fitness(genome, stage) ->
 float``, lower is better, and deterministic (the same genome and stage always score the same) for resume to be exact.
 
-The :class:`SearchState` (population, fitnesses, generation, RNG state, best/mean history, configuration
-fingerprint) is written atomically after every generation; ``resume=True`` continues from it and reaches
+The :class:`SearchState` (population, fitnesses, generation, RNG state, counters, configuration fingerprint) is
+written atomically after every generation, and the generation's best/mean record appended to a JSON-lines history
+(O(population) per generation however long the search); ``resume=True`` continues from it and reaches
 the same result as an uninterrupted run with the same seed.
 """
 from __future__ import annotations
@@ -29,9 +30,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 #: fitness(genome, stage) -> float; lower is better; stage 0 is the cheapest, the last one the most precise
 Fitness = Callable[[np.ndarray, int], float]
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the history in its own JSON-lines file (1: inside the state)
 
 
 class SearchError(AllocationError, MspError):
@@ -134,9 +136,29 @@ class EvolutionConfig:
         return fields
 
 
+def history_path(state_path: Path) -> Path:
+    """The JSON-lines history next to a checkpoint: ``search_state.json`` → ``search_history.jsonl``."""
+    state_path = Path(state_path)
+    return state_path.with_name(state_path.stem.replace("state", "history") + ".jsonl")
+
+
+def _unreadable(path: Path, why: str) -> SearchError:
+    return SearchError(f"search checkpoint {path} is unreadable ({why}); delete it or drop allocation.resume=true to start a new search")
+
+
 @dataclass
 class SearchState:
-    """Everything needed to continue a search exactly where it stopped (JSON, written atomically)."""
+    """Everything needed to continue a search exactly where it stopped.
+
+    Two files, so that a generation's checkpoint costs O(population), not O(generations):
+
+    * the state (``search_state.json``, rewritten atomically every generation): every field but ``history``;
+    * the history (``search_history.jsonl``, :func:`history_path`): one JSON line per generation 0, 1, …,
+      appended (flushed and fsynced) *before* the state is rewritten. A kill between the two writes leaves one line
+      beyond the state's generation (possibly cut short); :meth:`load` drops such lines.
+
+    Version 1 checkpoints (the history inside the state file) are still read.
+    """
 
     generation: int
     population: list[list[int]]
@@ -151,19 +173,73 @@ class SearchState:
     version: int = STATE_VERSION
 
     def save(self, path: Path) -> None:
-        write_json_atomic(Path(path), asdict(self))
+        """Rewrite the state file (O(population)); the history is written by :meth:`append_history`."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "history"}  # asdict would copy the history
+        write_json_atomic(Path(path), data)
+
+    @staticmethod
+    def append_history(path: Path, record: dict, *, new: bool = False) -> None:
+        """Append one generation's record to the history of the checkpoint ``path`` (``new``: start the file)."""
+        hist = history_path(path)
+        hist.parent.mkdir(parents=True, exist_ok=True)
+        with open(hist, "w" if new else "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
 
     @classmethod
     def load(cls, path: Path) -> "SearchState":
+        path = Path(path)
         try:
-            data = read_json(Path(path))
-            if data.get("version") != STATE_VERSION:
-                raise SearchError(f"search checkpoint {path} has version {data.get('version')}, this msp writes {STATE_VERSION}")
-            return cls(**data)
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise SearchError(
-                f"search checkpoint {path} is unreadable ({type(exc).__name__}); delete it or drop allocation.resume=true to start a new search"
-            ) from exc
+            data = read_json(path)
+            version = data.get("version")
+            if version not in (1, STATE_VERSION):
+                raise SearchError(f"search checkpoint {path} has version {version}, this msp writes {STATE_VERSION}")
+            if version == 1:  # the history inside: written out as the JSON-lines file this version appends to
+                history = data.pop("history")
+                _write_history(path, history)
+            else:
+                history = _read_history(path, int(data["generation"]))
+            data["version"] = STATE_VERSION
+            return cls(**data, history=history)
+        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+            raise _unreadable(path, type(exc).__name__) from exc
+
+
+def _read_history(path: Path, generation: int) -> list[dict]:
+    """Records 0 … ``generation`` of the history of checkpoint ``path``; lines beyond (a kill between the history
+    append and the state write) are dropped from the file. A missing record is a :class:`SearchError`."""
+    hist = history_path(path)
+    if not hist.exists():
+        raise _unreadable(path, f"{hist.name} is missing")
+    records, keep_bytes = [], 0
+    with open(hist, "rb") as fh:
+        for line in fh:
+            if len(records) > generation:
+                break
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut short by a kill: only the last one can be
+            if not line.endswith(b"\n") or rec.get("generation") != len(records):
+                break
+            records.append(rec)
+            keep_bytes += len(line)
+    if len(records) != generation + 1:
+        raise _unreadable(path, f"{hist.name} holds {len(records)} generation(s), the state is at generation {generation}")
+    if hist.stat().st_size != keep_bytes:
+        with open(hist, "r+b") as fh:
+            fh.truncate(keep_bytes)
+    return records
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    """The whole history of checkpoint ``path`` as JSON lines (temp + rename)."""
+    hist = history_path(path)
+    hist.parent.mkdir(parents=True, exist_ok=True)
+    tmp = hist.with_name(hist.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
+    os.replace(tmp, hist)
 
 
 @dataclass
@@ -415,9 +491,10 @@ class Evolution:
             state.fitness = list(values)
             state.rng_state = rng.bit_generator.state
             state.evaluations = self.evaluations
-            state.history.append(self._record(state.generation, values, time.perf_counter() - t0))
+            record = self._record(state.generation, values, time.perf_counter() - t0)
+            state.history.append(record)
             state.wall_seconds += time.perf_counter() - t0
-            self._save(state)
+            self._save(state, record)
             bar.set_postfix(best=f"{values[0]:.4f}", mean=f"{float(np.mean(values)):.4f}")
             self._log(state.generation, values, population[0])
         bar.close()
@@ -441,6 +518,9 @@ class Evolution:
                  self.config.generations, min(state.fitness))
         for g, f in zip(state.population, state.fitness):
             self._memo[(tuple(int(x) for x in g), self.config.stages - 1)] = f
+        if self.checkpoint is not None and Path(source).resolve() != self.checkpoint.resolve():
+            _write_history(self.checkpoint, state.history)  # continued here: this run dir's files start complete
+            state.save(self.checkpoint)
         return state
 
     def _start(self, fitness: Fitness, genomes: Sequence[np.ndarray], rng: np.random.Generator, started: float) -> SearchState:
@@ -451,7 +531,7 @@ class Evolution:
             history=[self._record(0, values)], evaluations=self.evaluations, fingerprint=self.fingerprint,
             fingerprint_fields=self.fields, initial=initial, wall_seconds=time.perf_counter() - started,
         )
-        self._save(state)
+        self._save(state, state.history[0], new=True)
         self._log(0, values, population[0])
         return state
 
@@ -492,8 +572,10 @@ class Evolution:
             rec["seconds"] = seconds
         return rec
 
-    def _save(self, state: SearchState) -> None:
+    def _save(self, state: SearchState, record: dict, new: bool = False) -> None:
+        """The history line first, then the state: a kill in between leaves a line that :meth:`SearchState.load` drops."""
         if self.checkpoint is not None:
+            SearchState.append_history(self.checkpoint, record, new=new)
             state.save(self.checkpoint)
 
     def _log(self, generation: int, values: list[float], best: np.ndarray) -> None:
@@ -505,4 +587,4 @@ class Evolution:
 
 
 __all__ = ["SearchSpace", "EvolutionConfig", "SearchState", "SearchResult", "SearchError", "Evolution", "Fitness",
-           "mutate", "crossover", "repair", "snap", "fingerprint_of"]
+           "mutate", "crossover", "repair", "snap", "fingerprint_of", "history_path"]

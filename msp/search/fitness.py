@@ -11,7 +11,8 @@ candidate:
   position inside each group of M (stable descending) is stored and a weight is kept iff it is < N.
 * **store** (SparseGPT — any pruner): the pruned weight of every (layer, level) the grid can reach, from
   ``pruner.prune_weight_levels`` on the dense-pass statistics (SparseGPT: all of a layer's levels in one sweep
-  sharing the H⁻¹ factor), held in memory or on disk in float16 (bounded by ``max_levels`` levels per layer).
+  sharing the H⁻¹ factor), packed (kept values + a bitmask: :func:`pack_weight`), in memory or on disk, in float16
+  (bounded by ``max_levels`` levels per layer, or by ``allocation.store_budget_gb``: :func:`store_estimate`).
 
 Fitness (lower is better) on held-out *calibration* tokens (never the evaluation split), with the dense
 model's next-token log-probabilities cached once:
@@ -118,24 +119,74 @@ def level_key(sparsity: float) -> str:
     return f"{float(sparsity):.10f}"
 
 
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # element size → integer view
+
+
+def packed_nbytes(numel: int, kept: int, element_size: int) -> int:
+    """Bytes of one :func:`pack_weight`: the kept values, plus a bitmask (numel/8 bytes) or int32 flat indices
+    (4 per kept value), whichever is smaller (indices win above 31/32 sparsity)."""
+    return kept * element_size + min((numel + 7) // 8, 4 * kept)
+
+
+def pack_weight(weight: torch.Tensor) -> dict:
+    """A pruned weight as its kept values and where they are: ``{"shape", "values", "mask" | "index"}``.
+
+    "Kept" is every element whose bit pattern is not +0.0 (so a kept −0.0 or a pruned −0.0 survive), which makes
+    :func:`unpack_weight` bit-identical to ``weight``. ``mask``: the keep-mask of the flattened weight, packed 8
+    per uint8 (:func:`numpy.packbits`); ``index``: the int32 flat positions when they are smaller."""
+    flat = weight.detach().reshape(-1).contiguous()
+    keep = flat.view(_BITS[flat.element_size()]) != 0
+    kept = int(keep.sum())
+    packed = {"shape": list(weight.shape), "values": flat[keep].clone()}
+    if 4 * kept < (flat.numel() + 7) // 8:
+        packed["index"] = torch.nonzero(keep).reshape(-1).to(torch.int32)
+    else:
+        packed["mask"] = torch.from_numpy(np.packbits(keep.cpu().numpy()))
+    return packed
+
+
+def unpack_weight(packed: dict) -> torch.Tensor:
+    """The dense tensor of :func:`pack_weight` (zeros where nothing was kept)."""
+    values = packed["values"]
+    numel = math.prod(packed["shape"])
+    out = torch.zeros(numel, dtype=values.dtype)
+    if "index" in packed:
+        out[packed["index"].long()] = values
+    else:
+        out[torch.from_numpy(np.unpackbits(packed["mask"].numpy(), count=numel).astype(bool))] = values
+    return out.reshape(packed["shape"])
+
+
+def store_estimate(layer_params: Sequence[int], layer_levels: Sequence[Sequence[float]], element_size: int) -> int:
+    """Bytes of a variant store holding layer i (``layer_params[i]`` weights) at each sparsity of ``layer_levels[i]``:
+    Σ_i Σ_s :func:`packed_nbytes` (n_i, round((1−s)·n_i), element_size) — exact up to kept weights that are exactly 0."""
+    return sum(packed_nbytes(n, round((1.0 - s) * n), element_size) for n, levels in zip(layer_params, layer_levels) for s in levels)
+
+
+def _packed_size(packed: dict) -> int:
+    return sum(t.numel() * t.element_size() for k, t in packed.items() if k != "shape")
+
+
 class StoredVariants(LayerVariants):
-    """Pruned weights per (layer, level) in memory, or as files in ``folder`` (deleted by :meth:`close`)."""
+    """Pruned weights per (layer, level), each packed (:func:`pack_weight`: kept values + bitmask, ≈ (1−s)·2 + 1/8
+    bytes per weight in float16 instead of 2), in memory or as files in ``folder`` (deleted by :meth:`close`)."""
 
     def __init__(self, dense: dict[str, torch.Tensor], folder: Path | None = None):
         super().__init__(dense)
-        self.memory: dict[tuple[str, str], torch.Tensor] = {}
+        self.memory: dict[tuple[str, str], dict] = {}
         self.files: dict[tuple[str, str], Path] = {}
         self.folder = folder
         self._bytes = 0
 
     def put(self, name: str, sparsity: float, weight: torch.Tensor) -> None:
         key = (name, level_key(sparsity))
-        self._bytes += weight.numel() * weight.element_size()
+        packed = pack_weight(weight)
+        self._bytes += _packed_size(packed)
         if self.folder is None:
-            self.memory[key] = weight
+            self.memory[key] = packed
             return
         path = self.folder / f"{len(self.files):06d}.pt"
-        torch.save(weight, path)
+        torch.save(packed, path)
         self.files[key] = path
 
     def weight(self, name: str, sparsity: float) -> torch.Tensor:
@@ -146,7 +197,11 @@ class StoredVariants(LayerVariants):
             stored = torch.load(self.files[key], map_location="cpu", weights_only=True)
         else:
             raise SearchError(f"no stored variant of {name} at sparsity {sparsity:.4f} (the grid and the store disagree)")
-        return stored.to(self.dense[name].dtype)
+        return unpack_weight(stored).to(self.dense[name].dtype)
+
+    def store_bytes(self) -> int:
+        """Bytes of the packed levels (in memory or on disk), without the dense weights."""
+        return self._bytes
 
     def nbytes(self) -> int:
         return super().nbytes() + (self._bytes if self.folder is None else 0)
@@ -412,5 +467,6 @@ class ModelFitness:
         return math.exp(total / count)
 
 
-__all__ = ["ranking_of", "mask_from_ranking", "LayerVariants", "RankingVariants", "StoredVariants", "precompute_variants",
+__all__ = ["ranking_of", "mask_from_ranking", "LayerVariants", "RankingVariants", "StoredVariants", "pack_weight",
+           "unpack_weight", "packed_nbytes", "store_estimate", "precompute_variants",
            "resolve_mode", "CandidateModel", "ModelFitness", "METRICS", "MODES", "STORES"]

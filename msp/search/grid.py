@@ -97,9 +97,9 @@ def _nm_grid(unit_params: list[int], target: float, m: int, bounds: tuple[float,
 
 
 def fit_store_levels(unit_params: list[int], target: float, pattern: Pattern, bounds: tuple[float, float], step: float,
-                     max_levels: int) -> tuple[Grid, float]:
+                     max_levels: int, quiet: bool = False) -> tuple[Grid, float]:
     """Store mode: raise the step until no unit has more than ``max_levels`` levels (bounded variant store);
-    returns the grid and the step it was built with."""
+    returns the grid and the step it was built with (``quiet``: no log line, for callers trying several)."""
     grid = build_grid(unit_params, target, pattern, bounds, step)
     if grid.most_levels() <= max_levels or pattern.kind == "mixed_nm":
         return grid, step
@@ -111,7 +111,8 @@ def fit_store_levels(unit_params: list[int], target: float, pattern: Pattern, bo
         if grid.most_levels() <= max_levels:
             break
         new_step *= 1.1
-    log.info("search: allocation.max_levels=%d bounds the variant store, so the level step is raised from %.4f to %.4f", max_levels, step, new_step)
+    if not quiet:
+        log.info("search: allocation.max_levels=%d bounds the variant store, so the level step is raised from %.4f to %.4f", max_levels, step, new_step)
     return grid, new_step
 
 

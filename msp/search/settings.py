@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union, get_args, get_origin, get_type_hints
 
 from msp.allocation.base import AllocationError
+from msp.allocation.registry import ALLOCATORS
 from msp.masks import Pattern
 from msp.search.evolution import EvolutionConfig
 from msp.search.grid import nm_level_range
@@ -22,7 +23,11 @@ from msp.search.grid import nm_level_range
 STATE_FILE = "search_state.json"  # the search checkpoint, in the run dir
 
 GRANULARITIES = ("block", "layer")
-INITS = ("fisher", "hessian", "owl", "rank", "uniform")  # every one an allocator of the registry, or uniform
+#: the cheap allocators ``allocation.init=best`` scores (the search's own fitness) before starting from the best one;
+#: rank and hessian (Hutchinson passes) and atp (a β grid of fitness calls) are left out as not cheap
+BEST_INITS = ("uniform", "owl", "alpha", "dlp", "fisher")
+#: every allocator of the registry but the search itself and a file, and ``best``
+INITS = tuple(sorted([name for name in ALLOCATORS if name not in ("msp", "file")] + ["best"]))
 EXTRAS = ("uniform", "owl")
 METRICS = ("kl", "ppl")
 MODES = ("auto", "ranking", "store")  # allocation.candidates
@@ -57,7 +62,7 @@ class SearchConfig:
 
     method: str = "msp"
     granularity: str = "block"  # block | layer: the unit that gets one sparsity
-    init: str = "fisher"  # the allocation the population starts from (INITS)
+    init: str = "fisher"  # the allocation the population starts from (INITS; best: the best of BEST_INITS on the fitness)
     init_options: Dict[str, Any] = field(default_factory=dict)  # options of the init allocator, e.g. {beta: 0.05}
     extra: List[str] = field(default_factory=lambda: ["uniform"])  # more starting individuals (EXTRAS)
     min: Optional[float] = None  # lowest unit sparsity (None: sparsity - spread, at least 0)
@@ -78,6 +83,7 @@ class SearchConfig:
     store: str = "memory"  # memory | disk
     store_dtype: str = "float16"
     max_levels: int = 6
+    store_budget_gb: Optional[float] = None  # store mode: None = max_levels; else the largest max_levels <= 17 whose store fits
     variant_nsamples: Optional[int] = 8  # calibration windows of the variant pass (None: all)
     seed: Optional[int] = None  # None: the run's seed
     resume: bool = False
@@ -124,6 +130,7 @@ class Settings:
     fitness_seqlen: int
     fitness_batch_size: int
     max_levels: int
+    store_budget_gb: float | None
     init_swaps: int
     candidates: str
     store: str
@@ -162,6 +169,8 @@ def validate(config: SearchConfig, target: float, pattern: Pattern, seed: int = 
         value = getattr(c, key)
         if value is not None and value < least:
             raise AllocationError(f"allocation.{key}={value} must be >= {least}, e.g. allocation.{key}={_example(key)}")
+    if c.store_budget_gb is not None and not c.store_budget_gb > 0:
+        raise AllocationError(f"allocation.store_budget_gb={c.store_budget_gb:g} must be > 0 (GB of packed variants), e.g. allocation.store_budget_gb=8, or null")
     if not 0 < c.step < 1:
         raise AllocationError(f"allocation.step={c.step} must be in (0, 1), e.g. allocation.step=0.025")
     bounds = _bounds(c, target)
@@ -174,7 +183,7 @@ def validate(config: SearchConfig, target: float, pattern: Pattern, seed: int = 
     return Settings(
         target=target, granularity=c.granularity, init=c.init, init_options=dict(c.init_options), extra=list(c.extra),
         metric=c.fitness, step=c.step, bounds=bounds, tokens=tokens, survivors=survivors, fitness_seqlen=c.fitness_seqlen,
-        fitness_batch_size=c.fitness_batch_size, max_levels=c.max_levels, init_swaps=c.init_swaps, candidates=c.candidates,
+        fitness_batch_size=c.fitness_batch_size, max_levels=c.max_levels, store_budget_gb=c.store_budget_gb, init_swaps=c.init_swaps, candidates=c.candidates,
         store=c.store, store_dtype=c.store_dtype, variant_nsamples=c.variant_nsamples, config=evolution, resume=c.resume,
         resume_from=c.resume_from,
     )
@@ -277,5 +286,5 @@ def _integer(key: str, value: Any) -> int:
     return int(value)
 
 
-__all__ = ["SearchConfig", "StageConfig", "Settings", "parse_options", "validate", "STATE_FILE", "GRANULARITIES", "INITS",
+__all__ = ["SearchConfig", "StageConfig", "Settings", "parse_options", "validate", "STATE_FILE", "GRANULARITIES", "INITS", "BEST_INITS",
            "EXTRAS", "METRICS", "MODES", "STORES", "STORE_DTYPES"]

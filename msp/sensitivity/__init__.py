@@ -3,6 +3,7 @@
 * ``fisher``  — empirical Fisher trace (:mod:`msp.sensitivity.fisher`), per Linear layer.
 * ``hessian`` — Hutchinson Hessian trace (:mod:`msp.sensitivity.hessian`), per Linear layer.
 * ``owl``     — OWL outlier ratio (:mod:`msp.sensitivity.owl`), per decoder block, given to each of its layers.
+* ``dlp``     — DLP's block Wanda score (:mod:`msp.sensitivity.dlp`), per decoder block, given to each of its layers.
 
 :func:`compute_sensitivity` is the entry point allocators use: it takes what it needs as arguments and returns a
 :class:`SensitivityReport` (the run writes it to ``sensitivity.json``). Whether the model is streamed one block
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METHODS = ("fisher", "hessian", "owl")
+METHODS = ("fisher", "hessian", "owl", "dlp")
 
 
 @dataclass
@@ -69,7 +70,7 @@ def compute_sensitivity(
 
     options (all optional): ``nsamples`` (calibration windows used; null = all), ``normalize`` (divide traces by
     the parameter count; default true), ``probes`` and ``seed`` (hessian; seed defaults to ``seed``), ``M`` (owl;
-    default 5). ``plan``: the run's streaming plan (None: the model is resident on ``device``); ``batch_size``: the
+    default 5), ``reduction`` (dlp: mean | median; default mean). ``plan``: the run's streaming plan (None: the model is resident on ``device``); ``batch_size``: the
     OWL statistics pass's. Raw values are cached in ``cache`` (a :class:`msp.cache.DiskCache`, or None) under a key
     naming ``cache_fields`` (model, data, nsamples, seqlen, seed), the method and these options; normalisation is
     applied after the cache so both variants share an entry.
@@ -78,12 +79,12 @@ def compute_sensitivity(
     if method not in METHODS:
         raise SensitivityError(f"unknown sensitivity {method!r}; valid: {', '.join(METHODS)}")
     started = time.perf_counter()
-    if method == "owl":
-        M = float(_opt(options, "M", 5.0))
-        ratios = _cached(cache, cache_fields, method, {"M": M}, lambda: _owl(model, windows, device, M, batch_size, plan))
+    if method in ("owl", "dlp"):  # one value per decoder block, from one dense statistics pass
+        fields, compute = _block_statistic(method, model, windows, device, options, batch_size, plan)
+        per_block = _cached(cache, cache_fields, method, fields, compute)
         prefix, _ = find_blocks(model)
-        raw = {n: float(ratios[b]) for n in layers if (b := layer_block_index(n, prefix)) in ratios}
-        normalize = False  # a ratio already
+        raw = {n: float(per_block[b]) for n in layers if (b := layer_block_index(n, prefix)) in per_block}
+        normalize = False  # a ratio (owl) or a mean score (dlp) already
     else:
         used = windows_to_use(windows, options.get("nsamples"))
         fields, compute = _trace(method, model, layers, used, device, plan, options, seed)
@@ -117,12 +118,23 @@ def _trace(
     return fields, lambda: hessian_trace(model, used, device, probes=probes, normalize=False, seed=probe_seed, layers=layers, plan=plan)
 
 
-def _owl(model: nn.Module, windows: torch.Tensor, device: torch.device, M: float, batch_size: int,
-         plan: StreamingPlan | None) -> dict[int, float]:
-    from msp.sensitivity.owl import owl_outlier_ratios
-
+def _block_statistic(
+    method: str, model: nn.Module, windows: torch.Tensor, device: torch.device, options: Mapping[str, Any], batch_size: int,
+    plan: StreamingPlan | None,
+) -> tuple[dict[str, Any], Callable[[], dict[int, float]]]:
+    """(cache key fields, the computation) of OWL's outlier ratios or DLP's block scores (block index → value)."""
     store_device = plan.store if is_streamed(plan) else None
-    return owl_outlier_ratios(model, windows, device, M=M, batch_size=batch_size, store_device=store_device)
+    if method == "owl":
+        from msp.sensitivity.owl import owl_outlier_ratios
+
+        M = float(_opt(options, "M", 5.0))
+        return {"M": M}, lambda: owl_outlier_ratios(model, windows, device, M=M, batch_size=batch_size, store_device=store_device)
+    from msp.sensitivity.dlp import dlp_block_scores
+
+    reduction = str(_opt(options, "reduction", "mean"))
+    used = windows_to_use(windows, options.get("nsamples"))
+    return ({"reduction": reduction, "windows": int(used.shape[0])},
+            lambda: dlp_block_scores(model, used, device, reduction=reduction, batch_size=batch_size, store_device=store_device))
 
 
 def _cached(cache: DiskCache | None, cache_fields: Mapping[str, Any] | None, method: str, fields: dict, compute):
