@@ -203,7 +203,7 @@ def heldout_scorer(ctx: AllocationContext, allocations: list[Allocation], option
             f"scoring needs {count * seqlen} held-out calibration tokens ({count} windows of allocation.fitness_seqlen={seqlen}) but only "
             f"{have} are held out; raise data.heldout_fraction or lower allocation.fitness_tokens / allocation.fitness_seqlen"
         )
-    windows = data_mod.sequential_windows(ctx.heldout_tokens, seqlen, count)
+    windows = data_mod.sequential_windows(ctx.heldout_tokens, seqlen, count, bos=ctx.bos_token_id)
     names = list(ctx.layers)
     levels = {n: sorted({float(a[n]) for a in allocations}) for n in names}
     calibration = ctx.calibration_ids
