@@ -23,6 +23,7 @@ from msp.prune import prune_
 from msp.pruners import MagnitudePruner, SparseGPTPruner, WandaPruner
 from msp.pruners.stats import LayerStats
 from msp.streaming import plan_streaming
+from textbook import linear_inputs
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,13 +56,8 @@ def test_pipeline_statistics_equal_those_of_the_full_forward():
     ids = _windows(4, 32, 1)  # 32 tokens > the sliding window of 8
     layers = prunable_layers(model)
     ref = {n: LayerStats(l.in_features, False) for n, l in layers.items()}
-    handles = [l.register_forward_pre_hook(lambda m, a, n=n: ref[n].add_batch(a[0])) for n, l in layers.items()]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    for n, x in linear_inputs(model, ids).items():
+        ref[n].add_batch(x)
     seen = {}
 
     def on_block(i, prefix, block, linears, stats):

@@ -157,19 +157,13 @@ def _reference_block_scores(model, windows, reduction):
     from msp.models import find_blocks, prunable_layers
 
     prefix, _ = find_blocks(model)
+    from textbook import linear_inputs
+
     layers = prunable_layers(model)
-    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    handles = [l.register_forward_hook(lambda m, a, o, n=n: inputs[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
-               for n, l in layers.items()]
-    try:
-        with torch.no_grad():
-            model(input_ids=windows, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    inputs = linear_inputs(model, windows)
     per_block: dict[int, list[torch.Tensor]] = {}
     for n, l in layers.items():
-        x = torch.cat(inputs[n]).double()
+        x = inputs[n].double()
         metric = l.weight.detach().double().abs() * (x * x).sum(0).sqrt().unsqueeze(0)
         per_block.setdefault(int(n[len(prefix) + 1 :].split(".")[0]), []).append(metric.reshape(-1))
     return {b: float(torch.cat(m).mean() if reduction == "mean" else torch.cat(m).float().median()) for b, m in per_block.items()}

@@ -14,6 +14,7 @@ from msp.models import build_tiny_model, prunable_layers
 from msp.pruners.wanda import wanda_scores
 from msp.sensitivity import compute_sensitivity
 from msp.sensitivity.fisher import fisher_trace
+from textbook import linear_inputs
 from msp.sensitivity.hessian import hessian_trace, hutchinson_trace
 from msp.sensitivity.owl import outlier_ratio, owl_outlier_ratios
 
@@ -194,21 +195,7 @@ def test_owl_ratios_match_a_full_forward_reference():
     windows = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(1))
     got = owl_outlier_ratios(model, windows, CPU, M=3.0, batch_size=2)
     layers = prunable_layers(model)
-    norms = {n: torch.zeros(lin.in_features) for n, lin in layers.items()}
-
-    def hook(name):
-        def fn(module, args, output):
-            norms[name] += (args[0].reshape(-1, args[0].shape[-1]) ** 2).sum(0)
-
-        return fn
-
-    handles = [lin.register_forward_hook(hook(n)) for n, lin in layers.items()]
-    try:
-        with torch.no_grad():
-            model(input_ids=windows, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    norms = {n: (x**2).sum(0) for n, x in linear_inputs(model, windows).items()}
     for b in (0, 1):
         scores = [wanda_scores(lin.weight, norms[n]) for n, lin in layers.items() if n.startswith(f"model.layers.{b}.")]
         assert got[b] == pytest.approx(outlier_ratio(scores, 3.0), abs=1e-9)

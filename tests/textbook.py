@@ -59,3 +59,21 @@ def sparsegpt_reference(w, x, sparsity, n=0, m=0, blocksize=128, percdamp=0.01) 
             W[:, j:j2] -= torch.outer(E[:, j - i], U[j, j:j2])  # OBS update (column j of a pruned weight becomes 0)
         W[:, j2:] -= E @ U[i:j2, j2:]  # lazy batch update of every later column
     return W * keep
+
+
+def linear_inputs(model: torch.nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input of every prunable Linear of ``model`` on ``windows``, (tokens, in_features) each, from one ordinary
+    forward of the whole model with hooks: an independent reference for msp's block-by-block statistics passes."""
+    from msp.models import prunable_layers
+
+    layers = prunable_layers(model)
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    handles = [lin.register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
+               for n, lin in layers.items()]
+    try:
+        with torch.no_grad():
+            model(input_ids=windows, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(xs) for n, xs in seen.items()}
