@@ -44,27 +44,18 @@ DEFAULT_OUT = REPO / "experiments" / "results"
 # ----------------------------------------------------------------------------------------------- loading
 def find_result_files(roots: list[Path]) -> list[Path]:
     """``results.json`` under each root (W&B's copies left out), plus the runs that ``skipped.json`` files name."""
+    from msp.sweep import finished_results
+
     found: dict[Path, None] = {}
-    for root in roots:
-        root = Path(root)
+    folders = []
+    for root in map(Path, roots):
         if root.is_file() and root.name == "results.json":
             found[root.resolve()] = None
-            continue
-        if not root.is_dir():
+        elif root.is_dir():
+            folders.append(root)
+        else:
             raise SystemExit(f"build_tables: {root} is not a folder of msp runs")
-        for path in sorted(root.rglob("results.json")):
-            if "wandb" not in path.relative_to(root).parts:
-                found[path.resolve()] = None
-        for path in sorted(root.rglob("skipped.json")):
-            try:
-                target = Path(json.loads(path.read_text())["existing"])
-            except (OSError, ValueError, KeyError):
-                log.warning("ignoring unreadable %s", path)
-                continue
-            if target.exists():
-                found[target.resolve()] = None
-            else:
-                log.warning("%s points at %s, which no longer exists", path, target)
+    found.update(dict.fromkeys(finished_results(folders)))
     return list(found)
 
 

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 RESULTS = "results.json"
 ALLOCATION = "allocation.json"
 SENSITIVITY = "sensitivity.json"
-SKIPPED = "skipped.json"  # written by msp.sweep for a job that an earlier run already answered
 RUN_PNG, RUN_MD = "summary.png", "summary.md"
 SWEEP_PNG, SWEEP_MD = "pareto.png", "pareto.md"
 
@@ -332,26 +331,10 @@ def render_run(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path
 def sweep_results(dirs: Iterable[str | Path]) -> list[tuple[Path, dict]]:
     """(path, results) of every finished run under ``dirs`` (a run folder counts as its own sweep); a job that
     ``skip_done`` answered with an earlier run (``skipped.json``) contributes that run. Each run once."""
-    from msp.sweep import iter_results
+    from msp.sweep import finished_results
 
-    dirs = [Path(d) for d in dirs]
-    paths = list(iter_results(dirs))
-    for d in dirs:
-        for skipped in sorted(d.rglob(SKIPPED)) if d.is_dir() else []:
-            try:
-                existing = Path(json.loads(skipped.read_text())["existing"])
-            except (OSError, ValueError, KeyError):
-                log.warning("report: cannot read %s; ignoring it", skipped)
-                continue
-            if existing.is_file():
-                paths.append(existing)
-    seen: set[Path] = set()
     out = []
-    for p in paths:
-        real = p.resolve()
-        if real in seen:
-            continue
-        seen.add(real)
+    for p in finished_results([Path(d) for d in dirs]):
         try:
             out.append((p, json.loads(p.read_text())))
         except (OSError, ValueError):

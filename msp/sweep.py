@@ -140,6 +140,25 @@ def iter_results(roots: Iterable[Path]) -> Iterable[Path]:
                 yield path
 
 
+def finished_results(roots: Iterable[Path]) -> list[Path]:
+    """Every ``results.json`` under ``roots`` plus the earlier runs that ``skip_done`` pointed a job at
+    (``skipped.json``), each once, resolved: what a table or a sweep plot reads."""
+    found: dict[Path, None] = {p.resolve(): None for p in iter_results(roots)}
+    for root in roots:
+        root = Path(root)
+        for marker in sorted(root.rglob(SKIPPED)) if root.is_dir() else []:
+            try:
+                target = Path(json.loads(marker.read_text())["existing"])
+            except (OSError, ValueError, KeyError):
+                log.warning("cannot read %s; ignoring it", marker)
+                continue
+            if target.is_file():
+                found[target.resolve()] = None
+            else:
+                log.warning("%s points at %s, which no longer exists", marker, target)
+    return list(found)
+
+
 def find_finished_run(digest: str, roots: Iterable[Path]) -> Path | None:
     """The first ``results.json`` under ``roots`` whose ``config_hash`` is ``digest`` (unreadable files skipped)."""
     for path in iter_results(roots):

@@ -45,3 +45,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_tiny_msp(run_dir, *overrides: str):
+    """``python -m msp model=tiny-llama data=tiny device=cpu <overrides>`` into ``run_dir`` (asserts it succeeded)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "msp", "model=tiny-llama", "data=tiny", "device=cpu", *overrides,
+         f"cache_dir={Path(run_dir) / 'cache'}", f"hydra.run.dir={run_dir}"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return Path(run_dir)

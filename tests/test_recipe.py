@@ -6,29 +6,19 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from msp.export import RecipeError, block_prefix, build_recipe, main, write_recipe
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_tiny_msp
 
 
 @pytest.fixture(scope="module")
 def layer_run(tmp_path_factory) -> Path:
     """A real tiny-llama run with a layer-granularity allocation (fisher) and SparseGPT."""
-    run_dir = tmp_path_factory.mktemp("run")
-    proc = subprocess.run(
-        [sys.executable, "-m", "msp", "model=tiny-llama", "data=tiny", "device=cpu", "allocation=fisher", "sparsity=0.6",
-         "pruner=sparsegpt", f"cache_dir={run_dir / 'cache'}", f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return run_dir
+    return run_tiny_msp(tmp_path_factory.mktemp("run"), "allocation=fisher", "sparsity=0.6", "pruner=sparsegpt")
 
 
 def _modifier(text: str) -> tuple[str, dict]:

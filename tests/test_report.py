@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from msp.report import ReportError, load_run, main, render_run, render_sweep
+from conftest import run_tiny_msp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,14 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def searched_run(tmp_path_factory) -> Path:
     """A real tiny-llama run with the msp search (sensitivity.json, allocation.json, search history)."""
-    run_dir = tmp_path_factory.mktemp("run")
-    proc = subprocess.run(
-        [sys.executable, "-m", "msp", "model=tiny-llama", "data=tiny", "device=cpu", "allocation=msp", "allocation.generations=2",
-         f"cache_dir={run_dir / 'cache'}", f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return run_dir
+    return run_tiny_msp(tmp_path_factory.mktemp("run"), "allocation=msp", "allocation.generations=2")
 
 
 def _png_facts(path: Path) -> tuple[int, int, int]:
