@@ -45,7 +45,9 @@ from msp.io import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-#: fitness(genome, stage) -> float; lower is better; stage 0 is the cheapest, the last one the most precise
+#: fitness(genome, stage) -> float; lower is better; stage 0 is the cheapest, the last one the most precise.
+#: A fitness may also offer ``fitness.many(genomes, stage) -> list[float]``: all of a stage's genomes scored
+#: together (one pass over the blocks, several ranks); :meth:`Evolution.score_all` uses it when it is there.
 Fitness = Callable[[np.ndarray, int], float]
 
 STATE_VERSION = 2  # 2: the history in its own JSON-lines file (1: inside the state)
@@ -414,6 +416,24 @@ class Evolution:
             self.evaluations += 1
         return self._memo[key]
 
+    def score_all(self, fitness: Fitness, genomes: Sequence[np.ndarray], stage: int) -> list[float]:
+        """The fitness of every genome at ``stage``, memoised like :meth:`score`; the genomes not scored yet go to
+        ``fitness.many`` together (in order, each once) when the fitness offers it, else one call each."""
+        keys = [(tuple(int(x) for x in g), int(stage)) for g in genomes]
+        todo: list[tuple] = []
+        for key in keys:
+            if key not in self._memo and key not in todo:
+                todo.append(key)
+        many = getattr(fitness, "many", None)
+        if todo and many is not None:
+            values = [float(v) for v in many([np.asarray(k[0], np.int64) for k in todo], int(stage))]
+            if len(values) != len(todo):
+                raise SearchError(f"fitness.many returned {len(values)} values for {len(todo)} genomes")
+            for key, value in zip(todo, values):
+                self._memo[key] = math.inf if math.isnan(value) else value
+                self.evaluations += 1
+        return [self.score(fitness, np.asarray(k[0], np.int64), k[1]) for k in keys]
+
     def cached(self, genome: np.ndarray, stage: int) -> float | None:
         """The fitness of ``genome`` at ``stage`` if it was evaluated in this process, else None."""
         return self._memo.get((tuple(int(x) for x in genome), int(stage)))
@@ -451,10 +471,10 @@ class Evolution:
         cfg = self.config
         candidates = self.offspring(population, rng)
         for s, keep in enumerate(cfg.survivors):
-            scores = [self.score(fitness, c, s) for c in candidates]
+            scores = self.score_all(fitness, candidates, s)
             order = sorted(range(len(candidates)), key=lambda k: (scores[k], k))
             candidates = [candidates[k] for k in order[:keep]]
-        final = [self.score(fitness, c, cfg.stages - 1) for c in candidates]
+        final = self.score_all(fitness, candidates, cfg.stages - 1)
         pool = list(zip(population, values)) + list(zip(candidates, final))
         order = sorted(range(len(pool)), key=lambda k: (pool[k][1], k))  # parents first among ties
         chosen = [pool[k] for k in order[: cfg.population]]
@@ -562,7 +582,7 @@ class Evolution:
                 seen.add(key)
                 unique.append(g)
         last = cfg.stages - 1
-        scores = [self.score(fitness, g, last) for g in tqdm(unique, desc="search: initial population", unit="genome", leave=False)]
+        scores = self.score_all(fitness, unique, last)
         order = sorted(range(len(unique)), key=lambda k: (scores[k], k))[: cfg.population]
         return [unique[k] for k in order], [scores[k] for k in order], {"genome": unique[0].tolist(), "fitness": scores[0]}
 
