@@ -19,7 +19,7 @@ import torch
 from msp import data as data_mod
 from msp import provenance
 from msp.allocation.budget import check_target
-from msp.allocation.build import Allocated, AllocationContext, build_allocation, check_allocation_options
+from msp.allocation.build import Allocated, AllocationContext, build_allocation, check_allocation_on_model, check_allocation_options
 from msp.cache import DiskCache, cache_key
 from msp.device import StageMeter, is_gpu, resolve_device, resolve_devices, resolve_dtype
 from msp.errors import MspError
@@ -104,6 +104,12 @@ def validate_early(spec: RunSpec) -> None:
 
         for name, lin in (skeleton_layers(spec.model) or {}).items():
             spec.pattern.check_divides(name, lin.in_features)
+    if spec.allocation.get("method") == "atp":  # ATP's β grid over the model's blocks, where the config is local
+        from msp.models import skeleton_model
+
+        skeleton = skeleton_model(spec.model)
+        if skeleton is not None:
+            check_allocation_on_model(skeleton, dict(spec.allocation), spec.sparsity, spec.pattern)
     _check_devices_and_memory(spec)
     _check_export(spec)
     if spec.zeroshot and spec.zeroshot.get("tasks"):
@@ -249,6 +255,7 @@ def load_stage(spec: RunSpec, device: torch.device, dtype: torch.dtype) -> tuple
     loaded = load_model(spec.model, dtype=dtype, seed=spec.seed, revision=spec.model_revision, loader=spec.model_loader)
     data_mod.check_seqlen(int(spec.data["seqlen"]), loaded.max_seqlen)
     check_pattern_fits(loaded.model, spec.pattern)
+    check_allocation_on_model(loaded.model, dict(spec.allocation), spec.sparsity, spec.pattern)
     plan = plan_streaming(loaded.model, device, spec.streaming, spec.gpu_budget_gb, batch_size=prune_batch_size(spec),
                           seqlen=int(spec.data["seqlen"]), nsamples=int(spec.data["nsamples"]),
                           need_hessian=bool(getattr(spec.pruner, "needs_hessian", False)))

@@ -594,3 +594,41 @@ def test_init_best_scores_every_cheap_allocator_and_starts_from_the_best(tmp_pat
     assert report["best_fitness"] <= min(scores.values())
     assert outcome.allocation.meta["init"] == "best" and outcome.allocation.meta["init_chosen"] == report["init_chosen"]
     assert outcome.allocation.weighted_mean(ctx.params) == pytest.approx(0.7, abs=1e-12)
+
+
+def test_init_file_starts_the_search_from_a_previous_allocation(tmp_path):
+    """allocation.init=file: the start population's first genome is the saved allocation snapped to the grid."""
+    from msp.allocation.base import Allocation
+
+    ctx = _ctx(tmp_path)
+    owl = build_allocation(ctx, {"method": "owl", "granularity": "layer"}).allocation
+    path = tmp_path / "allocation.json"
+    owl.save(path)
+    report = build_allocation(ctx, {**SMALL, "init": "file", "init_options": {"path": str(path)}, "generations": 1}).search
+    assert report["init_chosen"] == "file"
+    start = report["initial_units"]
+    assert max(abs(start[n] - owl[n]) for n in start) <= SMALL["step"] / 2 + 0.03  # snapped to the 0.05 grid, then on budget
+    assert report["best_fitness"] <= report["initial_fitness"]
+    assert Allocation(start, 0.7, "start").weighted_mean(ctx.params) == pytest.approx(0.7, abs=1e-9)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"init": "file"}, r"allocation.init=file needs the allocation to start from: add \+allocation.init_options.path="),
+    ({"init": "file", "init_options": {"path": "/no/such/allocation.json"}}, r"/no/such/allocation.json"),
+])
+def test_init_file_without_a_readable_file_fails_early(options, message):
+    from msp.search.allocator import check_options
+
+    with pytest.raises(AllocationError, match=message):
+        check_options({**SMALL, **options}, 0.7, Pattern.parse("unstructured"))
+
+
+def test_init_file_for_another_target_names_both_targets(tmp_path):
+    from msp.allocation.base import Allocation
+    from msp.search.allocator import check_options
+
+    ctx = _ctx(tmp_path, target=0.5)
+    path = tmp_path / "allocation.json"
+    build_allocation(ctx, {"method": "owl", "granularity": "layer"}).allocation.save(path)
+    with pytest.raises(AllocationError, match=r"holds an allocation for target 0.5, not this run's sparsity=0.7"):
+        check_options({**SMALL, "init": "file", "init_options": {"path": str(path)}}, 0.7, Pattern.parse("unstructured"))

@@ -88,6 +88,20 @@ def check_atp(options: dict, target: float, pattern: Pattern) -> None:
             raise AllocationError(f"allocation.{key}={t[key]} must be >= {least}")
 
 
+def atp_betas(options: dict, target: float, n_blocks: int) -> list[float]:
+    """The β values ``allocation=atp`` will try on a model of ``n_blocks`` blocks (``[beta]`` when given, else the
+    grid), each checked against allocation.min/max: one line naming the largest β that fits."""
+    t = typed_options(options)
+    bounds = bounds_from(options, target)
+    if t.beta is not None:
+        betas = [float(t.beta)]
+    else:
+        grid = _grid_of(t.beta_grid)
+        betas = default_beta_grid(n_blocks, target, bounds) if grid is None else grid
+    check_atp_grid(n_blocks, target, betas, bounds)
+    return betas
+
+
 def _grid_of(given: Any) -> list[float] | None:
     """The β values of ``allocation.beta_grid=[start, stop, step]`` (None: the default grid)."""
     if given is None:
@@ -170,12 +184,9 @@ def atp_allocator(ctx: AllocationContext, options: dict) -> Allocated:
     def allocation_of(beta: float, ramp: list[float]) -> Allocation:
         return finish(ctx, "atp", dict(zip(units, ramp)), unit_params, layer_unit, bounds, {**base, "beta": beta})
 
+    grid = atp_betas(options, ctx.target, n)  # checked against the bounds (again: run.load_stage did it after loading)
     if t.beta is not None:
-        check_atp_grid(n, ctx.target, [float(t.beta)], bounds)
         return Allocated(allocation_of(float(t.beta), atp_ramp(n, ctx.target, float(t.beta))))
-    grid = _grid_of(t.beta_grid)
-    grid = default_beta_grid(n, ctx.target, bounds) if grid is None else grid
-    check_atp_grid(n, ctx.target, grid, bounds)  # before the variant pass
     candidates = {b: allocation_of(b, atp_ramp(n, ctx.target, b)) for b in grid}
     with heldout_scorer(ctx, list(candidates.values()), t) as score:
         chosen = search_beta(n, ctx.target, lambda b, ramp: score(candidates[b]), grid, bounds)

@@ -183,6 +183,16 @@ def check_allocation_options(options: Mapping[str, Any], target: float, pattern:
         load(entry.check)(dict(options), target, pattern)
 
 
+def check_allocation_on_model(model: torch.nn.Module, options: Mapping[str, Any], target: float, pattern: Pattern) -> None:
+    """The checks that need the model's shape but no pass over data (right after loading, before the dense
+    evaluation): ATP's β grid against the bounds over this model's number of blocks."""
+    if str(options.get("method", "uniform")) == "atp" and pattern.kind != "nm":
+        from msp.allocation.baselines import atp_betas
+        from msp.models import find_blocks
+
+        atp_betas(dict(options), check_target(target), len(find_blocks(model)[1]))
+
+
 def build_allocation(ctx: AllocationContext, options: dict) -> Allocated:
     """Run the allocator ``options['method']`` and validate its allocation against the model and the budget."""
     method = options.get("method", "uniform")

@@ -38,7 +38,7 @@ import torch
 from msp import data as data_mod
 from msp.allocation.base import Allocation, AllocationError
 from msp.allocation.baselines import BLOCK_ONLY
-from msp.allocation.build import Allocated, AllocationContext, allocator_entry, build_allocation
+from msp.allocation.build import Allocated, AllocationContext, allocator_entry, build_allocation, load_allocation_file
 from msp.allocation.registry import load
 from msp.masks import Pattern
 from msp.models import find_blocks, layer_block_index
@@ -59,12 +59,29 @@ def check_options(options: dict, target: float, pattern: Pattern) -> None:
     if pattern.kind == "nm":
         return  # falls back to the uniform allocation (with a warning)
     settings = parse_options(options, target, pattern)
+    if settings.init == "file":
+        _check_init_file(settings)
     if settings.resume_from and settings.resume:
         path = settings.checkpoint_source(None)
         if path is None or not path.exists():
             raise AllocationError(
                 f"allocation.resume_from={settings.resume_from}: no {STATE_FILE} there; give the run dir of the search to continue (or its {STATE_FILE})"
             )
+
+
+def _check_init_file(settings: Settings) -> None:
+    """allocation.init=file: a readable allocation.json at allocation.init_options.path, for this run's target."""
+    path = settings.init_options.get("path")
+    if not path or str(path) == "???":
+        raise AllocationError(
+            "allocation.init=file needs the allocation to start from: add +allocation.init_options.path=<run dir>/allocation.json"
+        )
+    alloc = load_allocation_file({"path": path})
+    if abs(float(alloc.target) - settings.target) > 1e-9:
+        raise AllocationError(
+            f"allocation.init_options.path={path} holds an allocation for target {alloc.target:g}, not this run's sparsity={settings.target:g}: "
+            f"start from an allocation.json of a run at sparsity={settings.target:g}, or set sparsity={alloc.target:g}"
+        )
 
 
 def msp_allocator(ctx: AllocationContext, options: dict) -> Allocated:

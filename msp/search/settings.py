@@ -26,8 +26,9 @@ GRANULARITIES = ("block", "layer")
 #: the cheap allocators ``allocation.init=best`` scores (the search's own fitness) before starting from the best one;
 #: rank and hessian (Hutchinson passes) and atp (a β grid of fitness calls) are left out as not cheap
 BEST_INITS = ("uniform", "owl", "alpha", "dlp", "fisher")
-#: every allocator of the registry but the search itself and a file, and ``best``
-INITS = tuple(sorted([name for name in ALLOCATORS if name not in ("msp", "file")] + ["best"]))
+#: every allocator of the registry but the search itself (``file``: a previous run's allocation.json, given as
+#: ``allocation.init_options.path``), and ``best``
+INITS = tuple(sorted([name for name in ALLOCATORS if name != "msp"] + ["best"]))
 EXTRAS = ("uniform", "owl")
 METRICS = ("kl", "ppl")
 MODES = ("auto", "ranking", "store")  # allocation.candidates
@@ -62,7 +63,7 @@ class SearchConfig:
 
     method: str = "msp"
     granularity: str = "block"  # block | layer: the unit that gets one sparsity
-    init: str = "fisher"  # the allocation the population starts from (INITS; best: the best of BEST_INITS on the fitness)
+    init: str = "fisher"  # the allocation the population starts from (INITS; best: the best of BEST_INITS on the fitness; file: init_options.path)
     init_options: Dict[str, Any] = field(default_factory=dict)  # options of the init allocator, e.g. {beta: 0.05}
     extra: List[str] = field(default_factory=lambda: ["uniform"])  # more starting individuals (EXTRAS)
     min: Optional[float] = None  # lowest unit sparsity (None: sparsity - spread, at least 0)
