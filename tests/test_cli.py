@@ -101,7 +101,7 @@ def test_cli_quantized_export_loads_in_transformers_with_msps_logits(tmp_path):
         (["pruner.saliency=foo", "pruner=sparsegpt"], "valid: obs, isc"),
         (["allocation=msp", "allocation.init=random"], "allocation.init='random' is unknown; valid: alpha, atp, best, dlp"),
         (["allocation=atp", "allocation.beta_grid=[0.0,0.03]"], "must be [start, stop, step]"),
-        (["allocation=atp", "allocation.beta_grid=[0.0,0.5,0.1]", "allocation.max=0.9"], "outside the bounds [0.0, 0.9]"),
+        (["allocation=atp", "sparsity=0.7", "allocation.beta_grid=[0.0,0.5,0.1]", "allocation.max=0.9"], "outside the bounds [0.0, 0.9]"),
         (["export.quantized=true", "pruner=sparsegpt"], "export.quantized=true needs pruner=sparsegpt pruner.bits=<2|3|4|8>"),
         (["export.quantized=true", "pruner=wanda"], "got pruner=wanda pruner.bits=None"),
     ],
