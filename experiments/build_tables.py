@@ -90,6 +90,9 @@ def load_runs(roots: list[Path]) -> list[dict]:
 
 def method_of(r: dict) -> str:
     label = r["pruner"] if r.get("allocation", "uniform") == "uniform" else f"{r['pruner']} + {r['allocation']}"
+    init = (r.get("search") or {}).get("init")
+    if r.get("allocation") == "msp" and init not in (None, "fisher"):  # the search's default start is fisher
+        label += f" (init={init})"
     if r.get("pattern", "unstructured") != "unstructured":
         label += f" {r['pattern']}"
     if r.get("true_sequential"):
