@@ -177,3 +177,34 @@ def test_a_table_mixing_versions_or_data_hashes_is_warned_about(tmp_path):
     with_provenance(b, provenance())
     proc = build([root], tmp_path / "tables", "--no-plots")
     assert "differ in provenance (missing in 1 of 3 runs)" in proc.stderr
+
+
+def _searched(folder: Path, init: str, initial: float, bests: list[float], h: str) -> None:
+    path = run(folder, pruner="wanda", allocation="msp", sparsity=0.7, ppl=30.0, h=h,
+               search=[{"generation": g, "best": b, "mean": b + 0.1, "evaluations": 10 * g} for g, b in enumerate(bests)])
+    res = json.loads(path.read_text())
+    res["search"].update(init=init, initial_fitness=initial)
+    path.write_text(json.dumps(res))
+
+
+def test_convergence_table_counts_evaluations_to_within_one_percent_of_the_best(tmp_path):
+    _searched(tmp_path / "runs" / "0", "fisher", 2.0, [1.5, 1.2, 1.0, 1.0], "a")
+    _searched(tmp_path / "runs" / "1", "uniform", 3.0, [2.5, 1.8, 1.3, 1.005], "b")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "plot_convergence.py"), str(tmp_path / "runs"),
+                           "--name", "conv", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["init"]: r for r in __import__("csv").DictReader((out / "conv" / "convergence.csv").open())}
+    # fisher reaches 1.0 (<= 1.01 x the best final 1.0) at generation 2 = 20 evaluations; uniform at 1.005 after 30
+    assert rows["fisher"]["evaluations_to_within_1pct"] == "20" and rows["uniform"]["evaluations_to_within_1pct"] == "30"
+    assert float(rows["uniform"]["start_fitness"]) == 3.0 and float(rows["fisher"]["final_fitness"]) == 1.0
+    assert (out / "conv" / "convergence.png").stat().st_size > 5000
+    assert "| tiny | wanda | 70% | fisher | 2.0000 | 1.0000 | 30 | 20 |" in (out / "conv" / "convergence.md").read_text()
+
+
+def test_a_search_that_does_not_start_from_fisher_is_its_own_method(tmp_path):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import build_tables
+
+    assert build_tables.method_of({"pruner": "wanda", "allocation": "msp", "search": {"init": "best"}}) == "wanda + msp (init=best)"
+    assert build_tables.method_of({"pruner": "wanda", "allocation": "msp", "search": {"init": "fisher"}}) == "wanda + msp"
