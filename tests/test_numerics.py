@@ -234,6 +234,21 @@ def test_search_nan_fitness_stops_and_inf_ranks_last():
         _evolution().score_all(Many(), [g_ok, g_nan], 0)
 
 
+def test_search_nan_dense_reference_stops_before_the_search(windows, cpu):
+    """The search's dense reference (its cached Σ p log p) is checked once, before any candidate is scored."""
+    from types import SimpleNamespace
+
+    from msp.search.allocator import _model_fitness
+
+    model = _tiny()
+    model.lm_head.weight.data[5, 0] = float("nan")
+    ctx = SimpleNamespace(model=model, device=cpu, plan=None)
+    search = SimpleNamespace(windows=windows, windows_per_stage=[2, 4], settings=SimpleNamespace(metric="kl", fitness_batch_size=2))
+    with pytest.raises(NonFiniteError, match=r"the dense reference Σ p log p .* at stage 'search: dense reference'; "
+                                             r"non-finite weights: lm_head.weight"):
+        _model_fitness(ctx, search, SimpleNamespace(current=None))
+
+
 # ---------------------------------------------------------------------------------------------------- SparseGPT
 
 
