@@ -14,6 +14,9 @@
 Only one block is on the compute device at a time: every stage that moves a block there (pruning, OWL,
 perplexity, fitness, the streamed Fisher/Hessian) does it with :func:`block_on`, which always puts the block
 back. The stored activations live on ``store_device`` (the compute device when they fit, the CPU otherwise).
+
+``sequential_pass`` checks what it produces (:mod:`msp.numerics`): block 0's inputs, every block's calibration
+statistics and every block's outputs; NaN or inf stops the pass with the stage (``desc``), block and layer named.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from tqdm.auto import tqdm
 from msp.device import to_device
 from msp.errors import MspError
 from msp.models import block_linears, find_blocks
-from msp.pruners.stats import LayerStats, StatsUpdate, input_update
+from msp.numerics import check_all_finite, weights_hint
+from msp.pruners.stats import LayerStats, StatsUpdate, check_stats, input_update
 from msp.streaming import StreamingPlan, is_streamed, resident_modules
 
 log = logging.getLogger(__name__)
@@ -279,14 +283,18 @@ def _calibrate_and_visit(
     next_inputs: bool,
     device: torch.device,
     store_device: torch.device,
+    stage: str = "blocks",
 ) -> list[torch.Tensor] | None:
-    """One block of :func:`sequential_pass` (the block is on ``device``): statistics pass, ``on_block``, then the
-    next block's inputs when ``next_inputs`` (None otherwise)."""
+    """One block of :func:`sequential_pass` (the block is on ``device``): statistics pass (checked finite, each
+    layer's statistics named), ``on_block``, then the next block's inputs when ``next_inputs`` (None otherwise)."""
     linears = block_linears(block)
     stats: dict[str, LayerStats] = {}
     dense_outputs = None
     if collect_stats and inputs is not None:
         stats, dense_outputs = collect_block_stats(block, linears, inputs, device, store_device, need_hessian, keep_outputs=keep_dense)
+        for local, st in stats.items():
+            st.name = f"{prefix}.{index}.{local}"
+        check_stats(stats, stage=stage, block=index, hint=weights_hint(block, f"{prefix}.{index}."))
     changed = on_block(index, prefix, block, linears, stats)
     del stats
     if not next_inputs or inputs is None:
@@ -335,6 +343,8 @@ def sequential_pass(
     if inline:
         batch_size = max(1, int(input_ids.shape[0]))  # one batch: each pre-hook sees a layer's whole input
     inputs = capture_block_inputs(model, input_ids, batch_size, device, store_device) if (collect_stats or propagate) else None
+    if inputs is not None:
+        check_all_finite([(None, "the inputs of block 0 (the embeddings' output)", h) for h in inputs.hidden], stage=desc, block=0)
     bar = tqdm(range(len(blocks)), desc=desc, unit="block", leave=False)
     for i in bar:
         next_inputs = propagate and i + 1 < len(blocks)
@@ -344,16 +354,23 @@ def sequential_pass(
             if inline and inputs is not None:
                 bar.set_description(f"{desc} {i + 1}/{len(blocks)}: pruning inline")
                 linears = block_linears(block)
-                outputs = inline_block_pass(block, linears, inputs, device, store_device, need_hessian,
-                                            lambda local, lin, st, _i=i: on_layer(_i, prefix, local, lin, st))
+
+                def layer_inline(local, lin, st, _i=i, _block=block):
+                    st.name = f"{prefix}.{_i}.{local}"
+                    check_stats({local: st}, stage=desc, block=_i, hint=weights_hint(_block, f"{prefix}.{_i}."))
+                    on_layer(_i, prefix, local, lin, st)
+
+                outputs = inline_block_pass(block, linears, inputs, device, store_device, need_hessian, layer_inline)
                 on_block(i, prefix, block, linears, {})
                 outputs = outputs if next_inputs else None
             else:
                 bar.set_description(f"{desc} {i + 1}/{len(blocks)}: {'calibrating' if collect_stats else 'processing'}")
                 outputs = _calibrate_and_visit(i, prefix, block, inputs, on_block, collect_stats=collect_stats,
                                                need_hessian=need_hessian, keep_dense=next_inputs and not modifies_blocks,
-                                               next_inputs=next_inputs, device=device, store_device=store_device)
+                                               next_inputs=next_inputs, device=device, store_device=store_device, stage=desc)
             if outputs is not None:
+                check_all_finite([(None, f"the outputs of block {i}", o) for o in outputs], stage=desc, block=i,
+                                 hint=weights_hint(block, f"{prefix}.{i}."))
                 inputs.hidden = outputs
             del outputs
     bar.close()

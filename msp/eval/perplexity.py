@@ -3,6 +3,9 @@
 The logits come from :func:`msp.pipeline.batch_logits`, which runs the whole model on ``device`` or, when the
 run's :class:`msp.streaming.StreamingPlan` streams it, a model that stays on the CPU: embeddings → every block
 one at a time on ``device`` → final norm and lm_head per batch of windows. Both give the same number.
+
+A NaN or inf NLL (a model whose logits overflow or hold NaN) is :class:`msp.numerics.NonFiniteError` naming the
+stage (``desc``, e.g. ``pruned ppl wiki``) and the first batch where it appeared: no NaN perplexity is ever reported.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msp.numerics import check_finite_value, weights_hint
 from msp.pipeline import batch_logits
 from msp.streaming import StreamingPlan
 
@@ -37,8 +41,17 @@ def perplexity(
     """exp(mean next-token NLL) over all ``windows`` (n, seqlen), in batches of ``batch_size``; ``plan`` says
     whether the model is streamed one block at a time (None: resident on ``device``)."""
     total, count = 0.0, 0
-    for batch, logits in batch_logits(model, windows, device, plan=plan, batch_size=batch_size, desc=desc):
-        nll, n = batch_nll(logits, batch)
+    for b, (batch, logits) in enumerate(batch_logits(model, windows, device, plan=plan, batch_size=batch_size, desc=desc)):
+        nll, n = batch_nll(logits, batch)  # a Python float already: checking it costs no synchronisation
+        first, last = b * batch_size, b * batch_size + batch.shape[0] - 1
+        check_finite_value(nll, stage=desc, what=f"the next-token NLL of window{f's {first}-{last}' if last > first else f' {first}'}",
+                           hint=weights_hint(model))
         total += nll
         count += n
-    return math.exp(total / count)
+    mean = total / count
+    try:
+        ppl = math.exp(mean)
+    except OverflowError:  # beyond ~709.78 nats
+        ppl = math.inf
+    return check_finite_value(ppl, stage=desc, what=f"the perplexity (mean NLL {mean:.4g})",
+                              hint="the mean NLL overflows exp(): check the model's weights and the evaluation windows")

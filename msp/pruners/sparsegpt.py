@@ -9,12 +9,25 @@ per output channel, asymmetric min-max) rounds the kept weights inside the same 
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
+from msp.errors import MspError
 from msp.masks import Pattern, lowest_k_mask
 from msp.pruners.base import Pruner
+
+log = logging.getLogger(__name__)
+
+
+class SparseGPTError(MspError):
+    """SparseGPT cannot prune a layer as configured (a Hessian that stays indefinite); the message names the fix."""
+
+
+#: after a failed factorisation, the dampening added to the diagonal on each retry, as multiples of the first
+#: one: effective dampening 11×, 111×, 1111× ``percdamp`` (bounded: then :class:`SparseGPTError`)
+RETRY_DAMPENING = (10.0, 100.0, 1000.0)
 
 
 def minmax_quant_params(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -34,26 +47,50 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
     return scale * (q - zero)
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dampened H (dead inputs set to identity), the upper Cholesky factor of H⁻¹, and the dead-input mask."""
+def inverse_hessian_cholesky(
+    hessian: torch.Tensor, percdamp: float, layer: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dampened H (dead inputs set to identity), the upper Cholesky factor of H⁻¹, and the dead-input mask.
+
+    H + λ·I with λ = ``percdamp`` · mean(diag H). An H that is not positive definite even so (rank-deficient
+    calibration inputs in float32, outlier-heavy models such as Mistral's) is retried with more dampening, a
+    bounded number of times (:data:`RETRY_DAMPENING`), each retry logged as a warning naming ``layer`` and the
+    dampening; when every retry fails, :class:`SparseGPTError` names the layer and ``pruner.percdamp``. With
+    ``percdamp=0`` the retries start from 1% of mean(diag H).
+    """
     h = hessian.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    damp = percdamp * torch.mean(torch.diag(h))
+    mean_diag = torch.mean(torch.diag(h))
+    damp = percdamp * mean_diag
     h.diagonal().add_(damp)
-    try:
-        lower = torch.linalg.cholesky(h)
-    except torch.linalg.LinAlgError:
-        # an ill-conditioned H: raise the dampening until it factorises (bounded number of tries)
-        for factor in (10.0, 100.0, 1000.0):
-            h.diagonal().add_(damp * factor)
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        # an indefinite or ill-conditioned H: raise the dampening until it factorises (bounded number of tries)
+        step = damp if percdamp > 0 else 0.01 * mean_diag
+        added = percdamp
+        name = layer or "a layer"
+        for factor in RETRY_DAMPENING:
+            h.diagonal().add_(step * factor)
+            added += (percdamp if percdamp > 0 else 0.01) * factor
+            log.warning("SparseGPT: the Hessian of %s is not positive definite after dampening; retrying with dampening "
+                        "%.4g x mean(diag H) (pruner.percdamp=%g)", name, added, percdamp)
             lower, info = torch.linalg.cholesky_ex(h)
             if int(info) == 0:
                 break
         else:
-            raise
+            suggest = 0.1 if percdamp < 0.1 else min(0.9, round(percdamp * 3, 2))
+            raise SparseGPTError(
+                f"SparseGPT: the Hessian XᵀX of {name} is not positive definite even with dampening {added:.4g} x mean(diag H) "
+                f"(pruner.percdamp={percdamp} and {len(RETRY_DAMPENING)} retries); raise the dampening (e.g. pruner.percdamp={suggest:g}) "
+                f"or calibrate on more tokens (data.nsamples)"
+            )
     hinv = torch.cholesky_inverse(lower)
-    return h, torch.linalg.cholesky(hinv, upper=True), dead
+    upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    if int(info) != 0:  # H factorised but its inverse is too ill-conditioned to
+        raise SparseGPTError(f"SparseGPT: the inverse Hessian of {layer or 'a layer'} is not positive definite in float32 "
+                             f"(pruner.percdamp={percdamp}); raise the dampening (e.g. pruner.percdamp=0.1)")
+    return h, upper, dead
 
 
 @torch.no_grad()
@@ -66,14 +103,16 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     saliency: str = "obs",
     bits: int | None = None,
+    layer: str | None = None,
 ) -> torch.Tensor:
     """Return the pruned (and optionally quantized) weight; ``weight`` itself is not modified.
 
     weight: (out, in) any float dtype; hessian: (in, in) float32 Σ XᵀX. ``saliency``: ``obs`` = w²/d²
     (SparseGPT) or ``isc`` = w²·(H_jj + 1/d²) (arXiv 2310.09499). Unstructured masks hit the layer's exact
-    weight count: each block removes the cumulative target minus what earlier blocks removed.
+    weight count: each block removes the cumulative target minus what earlier blocks removed. ``layer``: the
+    layer's name, for the dampening warnings and errors (:func:`inverse_hessian_cholesky`).
     """
-    return sparsegpt_prune_levels(weight, hessian, [sparsity], pattern, blocksize, percdamp, saliency, bits)[0]
+    return sparsegpt_prune_levels(weight, hessian, [sparsity], pattern, blocksize, percdamp, saliency, bits, layer)[0]
 
 
 # levels swept together hold at most this many float32 weights (512 MiB); more levels are swept in chunks
@@ -90,6 +129,7 @@ def sparsegpt_prune_levels(
     percdamp: float = 0.01,
     saliency: str = "obs",
     bits: int | None = None,
+    layer: str | None = None,
 ) -> list[torch.Tensor]:
     """:func:`sparsegpt_prune` at several sparsities in one column sweep.
 
@@ -105,7 +145,7 @@ def sparsegpt_prune_levels(
         return []
     rows, cols = weight.shape
     w0 = weight.detach().to(torch.float32).clone()
-    h, hinv, dead = inverse_hessian_cholesky(hessian.to(w0.device, torch.float32), percdamp)
+    h, hinv, dead = inverse_hessian_cholesky(hessian.to(w0.device, torch.float32), percdamp, layer)
     w0[:, dead] = 0
     per_chunk = max(1, _LEVELS_MAX_ELEMENTS // max(1, rows * cols))
     out: list[torch.Tensor] = []
@@ -197,7 +237,7 @@ class SparseGPTPruner(Pruner):
         if stats is None or stats.hessian is None:
             raise ValueError("SparseGPT needs the input Hessian XᵀX; no calibration statistics were collected")
         return sparsegpt_prune(
-            weight, stats.hessian, sparsity, pattern, self.blocksize, self.percdamp, self.saliency, self.bits
+            weight, stats.hessian, sparsity, pattern, self.blocksize, self.percdamp, self.saliency, self.bits, stats.name
         )
 
     def prune_weight_levels(self, weight, stats, sparsities, pattern):
@@ -206,7 +246,7 @@ class SparseGPTPruner(Pruner):
         if stats is None or stats.hessian is None:
             raise ValueError("SparseGPT needs the input Hessian XᵀX; no calibration statistics were collected")
         return sparsegpt_prune_levels(
-            weight, stats.hessian, sparsities, pattern, self.blocksize, self.percdamp, self.saliency, self.bits
+            weight, stats.hessian, sparsities, pattern, self.blocksize, self.percdamp, self.saliency, self.bits, stats.name
         )
 
     def __repr__(self):

@@ -1,9 +1,17 @@
-"""Calibration statistics of one Linear layer's inputs, accumulated in float32 whatever the weight dtype."""
+"""Calibration statistics of one Linear layer's inputs, accumulated in float32 whatever the weight dtype.
+
+float32 matters for half-precision models: an fp16 activation of 300 is representable (fp16's largest value is
+65504), its square is not, so Σx² and XᵀX of an fp16 model would overflow to inf if they were accumulated in the
+model's dtype (tests/test_numerics.py). :func:`check_stats` checks the accumulated statistics once per block.
+"""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+
+from msp.numerics import Hint, check_all_finite
 
 
 @dataclass
@@ -11,7 +19,8 @@ class LayerStats:
     """Running statistics of the inputs X (tokens × in_features) seen by one Linear layer.
 
     ``col_sq_norm[j] = Σ_t X[t, j]²`` (Wanda's ‖X_j‖₂²); ``hessian = Σ_t X[t]ᵀ X[t]`` (SparseGPT's H up to a
-    constant factor, which cancels in the OBS update and in the relative dampening).
+    constant factor, which cancels in the OBS update and in the relative dampening). ``name``: the layer's full
+    name (``model.layers.3.mlp.up_proj``) when the pipeline built the statistics, for log lines and errors.
     """
 
     in_features: int
@@ -19,6 +28,7 @@ class LayerStats:
     tokens: int = 0
     col_sq_norm: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
+    name: str | None = None
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         self.add_update(input_update(inputs, self.need_hessian))
@@ -54,3 +64,15 @@ def input_update(inputs: torch.Tensor, need_hessian: bool) -> StatsUpdate:
     # the Hessian's diagonal is Σ_t X_tj² already: reuse it instead of another pass over X
     col_sq = xtx.diagonal().clone() if xtx is not None else (x * x).sum(dim=0)
     return StatsUpdate(col_sq, xtx, x.shape[0])
+
+
+def check_stats(stats: Mapping[str, LayerStats], *, stage: str, block: int | None = None, hint: Hint = None) -> None:
+    """:class:`msp.numerics.NonFiniteError` naming the first layer whose accumulated Σx² or XᵀX holds NaN or inf
+    (``stats``: local layer name → statistics; the error names ``LayerStats.name`` when set). One host
+    synchronisation for all of them."""
+    items = []
+    for local, st in stats.items():
+        layer = st.name or local
+        items.append((layer, "the input statistics Σx² (the column norms)", st.col_sq_norm))
+        items.append((layer, "the input statistics XᵀX (the Hessian)", st.hessian))
+    check_all_finite(items, stage=stage, block=block, hint=hint)

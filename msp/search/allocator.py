@@ -42,6 +42,7 @@ from msp.allocation.build import Allocated, AllocationContext, allocator_entry, 
 from msp.allocation.registry import load
 from msp.masks import Pattern
 from msp.models import find_blocks, layer_block_index
+from msp.numerics import check_all_finite, weights_hint
 from msp.search.evolution import Evolution, SearchResult, mutate, snap
 from msp.search.fitness import CandidateModel, LayerVariants, ModelFitness, precompute_variants, resolve_mode, store_estimate
 from msp.search.grid import Grid, build_grid, fit_store_levels
@@ -370,8 +371,12 @@ def candidate_source(ctx: AllocationContext, search: Search) -> Iterator[Candida
 def _model_fitness(ctx: AllocationContext, search: Search, candidate: CandidateModel) -> ModelFitness:
     """The fitness on the held-out windows (the forward streamed block by block when the run's plan streams)."""
     st = search.settings
-    return ModelFitness(ctx.model, candidate, search.windows, search.windows_per_stage, ctx.device, st.metric, st.fitness_batch_size,
-                        plan=ctx.plan)
+    fitness = ModelFitness(ctx.model, candidate, search.windows, search.windows_per_stage, ctx.device, st.metric, st.fitness_batch_size,
+                           plan=ctx.plan)
+    # a NaN dense reference would make every candidate's KL NaN: stop here, before the search, with the stage named
+    check_all_finite([(None, "the dense reference Σ p log p", t) for t in getattr(fitness, "dense_plogp", ())],
+                     stage="search: dense reference", hint=weights_hint(ctx.model))
+    return fitness
 
 
 # ---------------------------------------------------------------------------------------------------- report

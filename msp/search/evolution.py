@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from msp.allocation.base import AllocationError
 from msp.errors import MspError
 from msp.io import read_json, write_json_atomic
+from msp.numerics import NonFiniteError, location
 
 log = logging.getLogger(__name__)
 
@@ -405,13 +406,30 @@ class Evolution:
 
     # -- fitness ----------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def checked(value: float, genome: Sequence[int], stage: int) -> float:
+        """``value`` as a float; NaN is :class:`msp.numerics.NonFiniteError` naming the stage and the genome.
+
+        A NaN fitness means the comparison itself is broken (a NaN dense reference, NaN logits), and ranking it
+        as +inf would let the search go on to an arbitrary allocation, so it stops. +inf stays: an honest score
+        of a candidate whose KL overflows (logits too far from the dense model's), which ranks last."""
+        value = float(value)
+        if math.isnan(value):
+            levels = [str(int(x)) for x in genome]
+            shown = " ".join(levels[:16]) + (f" ... ({len(levels)} units)" if len(levels) > 16 else "")
+            where = location(f"search fitness (fidelity stage {int(stage)})")
+            raise NonFiniteError(
+                f"NaN/inf in the fitness of candidate [{shown}] (NaN) at {where}; the dense "
+                f"reference or the candidate's logits are not finite: check the model's weights or run in a wider dtype (dtype=float32)",
+                stage=f"search fitness (fidelity stage {int(stage)})")
+        return value
+
     def score(self, fitness: Fitness, genome: np.ndarray, stage: int) -> float:
-        """``fitness(genome, stage)``, memoised (each genome and stage is evaluated once); NaN scores +inf."""
+        """``fitness(genome, stage)``, memoised (each genome and stage is evaluated once); NaN stops the search
+        (:meth:`checked`), +inf ranks last."""
         key = (tuple(int(x) for x in genome), int(stage))
         if key not in self._memo:
-            value = float(fitness(np.asarray(genome, np.int64), int(stage)))
-            if math.isnan(value):
-                value = math.inf
+            value = self.checked(fitness(np.asarray(genome, np.int64), int(stage)), key[0], key[1])
             self._memo[key] = value
             self.evaluations += 1
         return self._memo[key]
@@ -430,7 +448,7 @@ class Evolution:
             if len(values) != len(todo):
                 raise SearchError(f"fitness.many returned {len(values)} values for {len(todo)} genomes")
             for key, value in zip(todo, values):
-                self._memo[key] = math.inf if math.isnan(value) else value
+                self._memo[key] = self.checked(value, key[0], key[1])
                 self.evaluations += 1
         return [self.score(fitness, np.asarray(k[0], np.int64), k[1]) for k in keys]
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msp.errors import MspError
+from msp.numerics import check_finite_value
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +97,12 @@ def per_layer_means(
     sums: dict[str, torch.Tensor], count: int, layers: dict[str, nn.Linear], normalize: bool, what: str
 ) -> dict[str, float]:
     """``sums[name] / count`` for every layer (a Python float), divided by the layer's parameter count when
-    ``normalize``; ``what`` names the trace in the log line."""
+    ``normalize``; ``what`` names the trace in the log line and in the :class:`msp.numerics.NonFiniteError` raised
+    for a layer whose sum is NaN or inf (overflowing squared gradients, a NaN loss)."""
     out = {}
     for name, lin in layers.items():
-        value = float(sums[name].item()) / count
+        value = check_finite_value(float(sums[name].item()) / count, stage=what.split(" (")[0], layer=name,
+                                   what=f"the {what} of {name}")
         out[name] = value / lin.weight.numel() if normalize else value
     log.info("%s over %d terms: %d layers, range [%.3e, %.3e]", what, count, len(out), min(out.values()), max(out.values()))
     return out

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from msp.models import prunable_layers
+from msp.numerics import check_finite
 from msp.sensitivity.common import grads_on, next_token_loss, per_layer_means, windows_to_use
 from msp.sensitivity.streamed import streamed_fisher_sums
 from msp.streaming import StreamingPlan, is_streamed
@@ -54,7 +55,8 @@ def resident_fisher_sums(model: nn.Module, used: torch.Tensor, device: torch.dev
     names = list(layers)
     with grads_on(model, layers) as weights:
         for n in tqdm(range(used.shape[0]), desc="fisher: sequences", unit="seq", leave=False):
-            loss = next_token_loss(model, used[n : n + 1].to(device))
+            loss = check_finite(next_token_loss(model, used[n : n + 1].to(device)), stage="fisher sensitivity",
+                                what=f"the loss of calibration window {n}")
             grads = torch.autograd.grad(loss, weights)
             for name, g in zip(names, grads):
                 acc[name] += g.detach().to(torch.float32).pow(2).sum()

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from msp.models import prunable_layers
+from msp.numerics import check_finite
 from msp.sensitivity.common import (check_probes, grads_on, math_attention, next_token_loss, per_layer_means,
                                     rademacher_like, windows_to_use)
 from msp.sensitivity.streamed import streamed_hessian_sums
@@ -89,7 +90,9 @@ def resident_hessian_sums(
     with grads_on(model, layers) as weights, math_attention():
         for n in tqdm(range(used.shape[0]), desc="hessian: sequences", unit="seq", leave=False):
             ids = used[n : n + 1].to(device)
-            sums = hutchinson_trace(lambda: next_token_loss(model, ids), weights, probes=probes, generator=gen)
+            loss_fn = lambda: check_finite(next_token_loss(model, ids), stage="hessian sensitivity",  # noqa: E731
+                                           what=f"the loss of calibration window {n}")
+            sums = hutchinson_trace(loss_fn, weights, probes=probes, generator=gen)
             for name, s in zip(names, sums):
                 acc[name] += s.detach()
     return acc

@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from msp.models import find_blocks
+from msp.numerics import check_finite
 from msp.pipeline import StreamedHidden, block_forward, block_on, head_from_hidden, stream_blocks, window_passes
 from msp.sensitivity.common import SensitivityError, check_probes, grads_on, logits_loss, math_attention, rademacher_like
 from msp.streaming import StreamingPlan
@@ -91,7 +92,9 @@ class _Pass:
         """(h_L requiring grad, ℓ_n): sequence ``n``'s mean next-token cross-entropy as a function of h_L."""
         h = self.streamed.final.hidden[n].to(self.device).detach().requires_grad_(True)
         seq = self.chunk[n : n + 1].to(self.device)
-        return h, logits_loss(logits_fn(seq, h), seq)
+        loss = check_finite(logits_loss(logits_fn(seq, h), seq), stage="streamed sensitivity",
+                            what=f"the loss of calibration window {n} of this pass")
+        return h, loss
 
     def store(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(self.store_device)
