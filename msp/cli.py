@@ -109,11 +109,16 @@ def app(cfg: DictConfig) -> float | None:
     return next(iter(results["ppl"].values()), None)
 
 
+INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc", "--version")
+
+
 def check_output_dir(argv: list[str]) -> None:
     """Hydra creates the run folder before msp runs and shows a traceback when it cannot: check it first (the folder
     named by hydra.run.dir / hydra.sweep.dir, else the default under outputs/) and fail with one line."""
     from msp.io import check_writable_dir
 
+    if any(a.split("=", 1)[0] in INFO_FLAGS for a in argv):
+        return  # Hydra prints something and writes nothing
     multirun = any(a in ("-m", "--multirun") for a in argv)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith(f"{key}=")]

