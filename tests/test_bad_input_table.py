@@ -322,3 +322,20 @@ def test_a_healthy_hf_folder_passes_the_checks(hf_folder):
     (hf_folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00002-of-00002.safetensors"}}))
     with pytest.raises(ModelError, match=r"names 1 shard\(s\) missing .*model-00002-of-00002\.safetensors"):
         check_model_source(str(hf_folder), "hf")
+
+
+def test_the_docs_table_names_these_tests_and_only_existing_ones():
+    """docs/bad-input.md: every test it names exists, and every test of this file is in its table."""
+    import ast
+
+    table = (ROOT / "docs" / "bad-input.md").read_text()
+    named = {("tests/test_bad_input_table.py", n) for n in re.findall(r"`T::(\w+)", table)}
+    named |= set(re.findall(r"(tests/test_\w+\.py)::(\w+)", table))
+    defined = {}
+    for file in {f for f, _ in named} | {"tests/test_bad_input_table.py"}:
+        tree = ast.parse((ROOT / file).read_text())
+        defined[file] = {node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+    missing = sorted(f"{f}::{n}" for f, n in named if n not in defined[f])
+    assert not missing, missing
+    here = defined["tests/test_bad_input_table.py"] - {"test_the_docs_table_names_these_tests_and_only_existing_ones"}
+    assert here <= {n for f, n in named if f == "tests/test_bad_input_table.py"}, sorted(here - {n for _, n in named})
