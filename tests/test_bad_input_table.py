@@ -215,8 +215,11 @@ def test_allocation_file_for_another_target(monkeypatch, capsys, tmp_path, tiny_
     args = ["allocation=file", f"allocation.path={tmp_path / 'first'}"]
     code, stderr = run_msp(monkeypatch, capsys, tmp_path / "run", *args, "sparsity=0.7")
     assert_fails_cleanly(code, stderr, tmp_path / "run", r"holds an allocation for sparsity=0\.5, but sparsity=0\.7 was given; drop sparsity=")
-    code, _ = run_msp(monkeypatch, capsys, tmp_path / "same", *args, "sparsity=0.5")  # the file's own target, typed: fine
+    code, _ = run_msp(monkeypatch, capsys, tmp_path / "same", *args, "sparsity=0.5", "save_model=true")  # the file's own target, typed: fine
     assert code == 0 and json.loads((tmp_path / "same" / "results.json").read_text())["target_sparsity"] == 0.5
+    # the model folder of a successful save is in place, with no temporary sibling left
+    assert {p.name for p in (tmp_path / "same").iterdir()} == {".hydra", "cli.log", "allocation.json", "results.json", "model"}
+    assert (tmp_path / "same" / "model" / "model.safetensors").exists()
 
 
 def test_output_directory_not_writable(monkeypatch, capsys, tmp_path):
