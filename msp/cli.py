@@ -25,12 +25,18 @@ def spec_from_config(cfg: DictConfig):
     from hydra.utils import instantiate
 
     from msp.allocation.budget import check_target
+    from msp.config import check_known_keys
     from msp.masks import Pattern
     from msp.run import ConfigError, RunSpec
     from msp.sweep import config_hash_of
 
+    check_known_keys(cfg)  # a key added with + that no schema has (Hydra's compose refuses the others)
     pattern = Pattern.parse(cfg.pattern)
     sparsity = check_target(cfg.sparsity, "sparsity")
+    if cfg.allocation.get("method") == "file" and pattern.kind != "nm" and typed_on_command_line("sparsity"):
+        from msp.allocation.build import check_file_target
+
+        check_file_target(OmegaConf.to_container(cfg.allocation, resolve=True), sparsity)  # a typed sparsity= the file would override
     if pattern.kind == "nm":
         if abs(pattern.fixed_sparsity() - sparsity) > 1e-9:
             log.info("pattern=%s fixes every layer at %.3f sparsity; sparsity=%s is replaced", pattern, pattern.fixed_sparsity(), sparsity)
@@ -52,6 +58,13 @@ def spec_from_config(cfg: DictConfig):
         gpu_budget_gb=float(cfg.gpu_budget_gb) if cfg.gpu_budget_gb is not None else None, export=container(cfg.export),
         report=bool(cfg.report),
     )
+
+
+def typed_on_command_line(key: str) -> bool:
+    """Whether this job's overrides (the command line, or a sweep's values) set ``key`` (outside a Hydra app: no)."""
+    if not HydraConfig.initialized():
+        return False
+    return any(str(o).lstrip("+~").split("=", 1)[0] == key for o in HydraConfig.get().overrides.task)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -96,7 +109,29 @@ def app(cfg: DictConfig) -> float | None:
     return next(iter(results["ppl"].values()), None)
 
 
+INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc", "--version")
+
+
+def check_output_dir(argv: list[str]) -> None:
+    """Hydra creates the run folder before msp runs and shows a traceback when it cannot: check it first (the folder
+    named by hydra.run.dir / hydra.sweep.dir, else the default under outputs/) and fail with one line."""
+    from msp.io import check_writable_dir
+
+    if any(a.split("=", 1)[0] in INFO_FLAGS for a in argv):
+        return  # Hydra prints something and writes nothing
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith(f"{key}=")]
+    folder = given[-1].split("${", 1)[0] if given else "outputs"  # an interpolated tail (${now:...}) is made later
+    try:
+        check_writable_dir(folder or ".", key)
+    except MspError as exc:
+        print(f"msp: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
+    check_output_dir(sys.argv[1:])
     app()
 
 

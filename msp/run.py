@@ -81,6 +81,8 @@ def prune_batch_size(spec: RunSpec) -> int:
 
 def validate_early(spec: RunSpec) -> None:
     """Every value check that can run before loading weights, once (types and keys were checked at compose time)."""
+    from msp.models import check_model_source, local_max_seqlen, skeleton_layers
+
     check_target(spec.sparsity, "sparsity")
     d = spec.data
     if int(d["nsamples"]) < 1:
@@ -88,20 +90,23 @@ def validate_early(spec: RunSpec) -> None:
     if int(d["seqlen"]) < 2:
         raise ConfigError(f"data.seqlen={d['seqlen']}: need at least 2 tokens per window")
     for src in [d["calibration"], *d.get("evaluation", [])]:
-        if src not in data_mod.SOURCES:
-            raise ConfigError(f"unknown dataset {src!r}; valid: {', '.join(data_mod.SOURCES)}")
+        data_mod.check_source(src)  # known, and an embedded source's file is there and not empty
+    check_model_source(spec.model, spec.model_loader)  # a local folder: config, tokenizer, weights (safetensors lengths)
     if int(spec.batch_size) < 1:
         raise ConfigError(f"batch_size={spec.batch_size}: need at least 1")
     check_allocation_options(dict(spec.allocation), spec.sparsity, spec.pattern)  # keys, bounds, N:M grid, allocation file
+    if spec.allocation.get("method") == "file":
+        from msp.allocation.build import check_file_fits
+
+        check_file_fits(dict(spec.allocation), skeleton_layers(spec.model))  # another model's file: before loading, where the config is local
     if spec.model == EMBEDDED_GEMMA3 and spec.model_loader in ("auto", "gguf"):
         from msp.embedded_gemma import check_gemma_assets
 
         check_gemma_assets()  # the chunk wheels are installed (no hashing yet): one line naming install.sh --gemma
-    if spec.max_seqlen is not None:
-        data_mod.check_seqlen(int(d["seqlen"]), spec.max_seqlen)
+    max_seqlen = spec.max_seqlen if spec.max_seqlen is not None else local_max_seqlen(spec.model)  # model=hf: a local folder's config
+    if max_seqlen is not None:
+        data_mod.check_seqlen(int(d["seqlen"]), max_seqlen)
     if spec.pattern.is_nm:  # N:M must divide every layer: check on a weightless skeleton where the config is local
-        from msp.models import skeleton_layers
-
         for name, lin in (skeleton_layers(spec.model) or {}).items():
             spec.pattern.check_divides(name, lin.in_features)
     if spec.allocation.get("method") == "atp":  # ATP's β grid over the model's blocks, where the config is local

@@ -141,6 +141,25 @@ def load_allocation_file(options: Mapping[str, Any]) -> Allocation:
     return Allocation.load(Path(str(path)))
 
 
+def check_file_fits(options: Mapping[str, Any], layers: Mapping[str, Any] | None) -> None:
+    """allocation=file: the file names exactly the model's prunable layers (``layers``: the weightless skeleton's,
+    so another model's file fails before any loading; None: not known yet, the allocator checks after loading)."""
+    if layers is None:
+        return
+    load_allocation_file(options).validate({name: lin.weight.numel() for name, lin in layers.items()}, bounds=(0.0, 1.0), tolerance=1.0)
+
+
+def check_file_target(options: Mapping[str, Any], sparsity: float) -> None:
+    """allocation=file with a ``sparsity=`` the user typed: it must be the file's target (the file sets the run's target;
+    a different number would be silently ignored)."""
+    target = load_allocation_file(options).target
+    if abs(target - float(sparsity)) > 1e-9:
+        raise AllocationError(
+            f"allocation.path={options.get('path')} holds an allocation for sparsity={target:g}, but sparsity={float(sparsity):g} was given; "
+            f"drop sparsity= (the file sets the target) or build an allocation for sparsity={float(sparsity):g} first"
+        )
+
+
 def _on_grid(sparsities: dict[str, float], m: int) -> bool:
     return all(abs(s * m - round(s * m)) < 1e-6 for s in sparsities.values())
 
