@@ -40,8 +40,9 @@ log = logging.getLogger("bench.zeroshot_speed")
 TARGET = 0.7
 
 
-def instrumented(make):
-    """Wrap a ``make_lm``: the lm object records its requests' tokens and the time in ``loglikelihood``."""
+def instrumented(make, count_only: bool = False):
+    """Wrap a ``make_lm``: the lm object records its requests' tokens and the time in ``loglikelihood``; with
+    ``count_only`` it scores nothing (every request gets log-likelihood 0: the accuracies are meaningless)."""
     record: dict = {"sequences": [], "loglikelihood_s": 0.0, "loglikelihood_cpu_s": 0.0, "requests": 0}
 
     def make_lm(model, tokenizer, options):
@@ -51,6 +52,8 @@ def instrumented(make):
         def _loglikelihood_tokens(requests, *args, **kwargs):
             for _, ctx, cont in requests:
                 record["sequences"].append((ctx + cont)[-(lm.max_length + 1):][:-1])
+            if count_only:
+                return [(0.0, False)] * len(requests)
             return inner_tokens(requests, *args, **kwargs)
 
         def loglikelihood(requests, *args, **kwargs):
@@ -93,9 +96,9 @@ def bare_forward(model, sequences: list[list[int]], batch_size: int, pad_id: int
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def run_impl(name: str, loaded, tasks: list[str], limit: int | None, batch_size: int) -> dict:
+def run_impl(name: str, loaded, tasks: list[str], limit: int | None, batch_size: int, count_only: bool = False) -> dict:
     original = zs.make_lm
-    make, record = instrumented(IMPLS[name] or original)
+    make, record = instrumented(IMPLS[name] or original, count_only)
     options = {"tasks": tasks, "limit": limit, "batch_size": batch_size, "source": "embedded"}
     zs.make_lm = make
     try:
@@ -130,12 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impl", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     parser.add_argument("--out", default="bench/results/zeroshot_speed")
     parser.add_argument("--note", default="", help="what else ran on the machine (written with the figures)")
+    parser.add_argument("--count-only", action="store_true",
+                        help="only count the requests and tokens per task (no forward; e.g. --limit 500 for the table's size)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     tasks = [t for t in args.tasks.split(",") if t]
     loaded = load_model(args.model)
     loaded.model.eval()
+    if args.count_only:
+        return count_tokens(loaded, tasks, args.limit, Path(args.out))
     rows, load_before = [], loadavg()
     for bs in args.batch_size:
         bare: dict = {}
@@ -173,6 +180,24 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(markdown(doc))
     print(f"wrote {out.with_suffix('.json')} and .md; accuracies identical across implementations: {same}")
     return 0 if same else 1
+
+
+def count_tokens(loaded, tasks: list[str], limit: int | None, out: Path) -> int:
+    """Requests, tokens and distinct inputs per task at ``limit`` (what a zero-shot run will forward)."""
+    per_task = {}
+    for task in tasks:
+        r = run_impl("msp", loaded, [task], limit, 1, count_only=True)
+        seqs = r["sequences"]
+        distinct = {tuple(s) for s in seqs}
+        per_task[task] = {"n": r["n"].get(task), "requests": len(seqs), "tokens": sum(map(len, seqs)),
+                          "distinct_inputs": len(distinct), "distinct_tokens": sum(map(len, distinct))}
+        print(task, per_task[task], flush=True)
+    total = {k: sum(v[k] for v in per_task.values()) for k in ("requests", "tokens", "distinct_inputs", "distinct_tokens")}
+    doc = {"limit": limit, "tasks": per_task, "total": total}
+    out = out.with_name(out.name + f"_count_limit{limit}")
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"total {total}; wrote {out.with_suffix('.json')}")
+    return 0
 
 
 def markdown(doc: dict) -> str:

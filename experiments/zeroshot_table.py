@@ -17,6 +17,7 @@ Only runs of ``--model`` that have zero-shot results count; the dense row comes 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
@@ -45,9 +46,13 @@ def collect(runs: list[dict], metric: str = "acc") -> tuple[list[str], list[str]
                 tasks.append(t)
     datasets = bt.datasets_of(zs_runs)
     groups: dict[tuple, list[tuple[dict, dict]]] = defaultdict(list)  # (method, sparsity) -> [(scores, ppl)]
-    for r in runs:
+    seen_dense: set[str] = set()
+    for r in runs:  # every run carries the same cached dense evaluation: count each distinct one once
         if r.get("dense_zeroshot"):
-            groups[("dense", 0.0)].append((bt.zeroshot_scores(r["dense_zeroshot"]), r.get("dense_ppl", {})))
+            key = json.dumps([r["dense_zeroshot"], r.get("dense_ppl", {})], sort_keys=True)
+            if key not in seen_dense:
+                seen_dense.add(key)
+                groups[("dense", 0.0)].append((bt.zeroshot_scores(r["dense_zeroshot"]), r.get("dense_ppl", {})))
     for r in zs_runs:
         groups[(bt.method_of(r), float(r["target_sparsity"]))].append((bt.zeroshot_scores(r["zeroshot"]), r.get("ppl", {})))
     rows = []
@@ -141,7 +146,13 @@ def plot(model: str, runs: list[dict], out: Path) -> str | None:
     left.set_ylabel(f"mean accuracy over {len(tasks)} tasks (%)")
     left.set_title(f"{model}: zero-shot accuracy vs sparsity", fontsize=10)
     if dataset:
+        from matplotlib.ticker import FuncFormatter
+
         right.set_xscale("log")
+        plain = FuncFormatter(lambda x, _: f"{x:.4g}")
+        right.xaxis.set_major_formatter(plain)
+        right.xaxis.set_minor_formatter(plain)
+        right.tick_params(axis="x", which="minor", labelsize=7)
         right.set_xlabel(f"perplexity on {dataset} (log)")
         right.set_title("accuracy vs perplexity", fontsize=10)
     for ax in (left, right):

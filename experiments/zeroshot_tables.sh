@@ -35,7 +35,7 @@ RESULTS=${RESULTS:-experiments/results}   # tables: $RESULTS/zeroshot_<model>$NA
 NAME_SUFFIX=${NAME_SUFFIX:-}
 MSP=${MSP:-"python -m msp"}
 
-models=(smollm2-135m)
+read -r -a models <<< "${MODELS:-smollm2-135m}"   # MODELS="tiny-llama" for a smoke test of the plumbing
 if [[ "${MSP_GEMMA:-0}" == 1 ]]; then models+=(gemma3-270m); fi
 
 start=$SECONDS
