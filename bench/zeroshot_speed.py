@@ -15,10 +15,19 @@ batch and nothing else (no lm-eval, no log-softmax, no scoring). Token rates cou
 ratio ``stage tokens/s ÷ bare tokens/s`` says what the stage costs beyond the forward it needs; it can exceed 1 when the
 stage does less work than the bare forward (e.g. lm_head only where a continuation token is scored).
 
-Accuracies of the implementations must be identical (the script says so, and exits 1 otherwise).
-The machine is shared: the load average before and after is written next to the figures; compare ratios.
+Times are this process's CPU seconds (``time.process_time``; run it with one thread, ``OMP_NUM_THREADS=1``): on a
+shared machine they move far less with the other processes' load than wall times do, which are recorded too, with
+the load average before and after each row. Compare ratios, not absolute rates.
 
-    python bench/zeroshot_speed.py --limit 20 --batch-size 4 16
+A second reference, ``distinct inputs``: lm-eval forwards requests whose input ``(context + continuation)[:-1]`` is
+the same only once (one-token continuations such as BoolQ's " yes"/" no"), so a bare forward over the distinct inputs
+is the fairer yardstick for what the stage must compute.
+
+Accuracies of the implementations must be identical (the script says so, and exits 1 otherwise).
+``--count-only --limit 500`` counts the requests and tokens per task of a full run (no forward), for wall-time estimates.
+
+    OMP_NUM_THREADS=1 python bench/zeroshot_speed.py --limit 3 --batch-size 4 16 --out bench/results/zeroshot_speed_smollm2-135m_cpu
+    OMP_NUM_THREADS=1 python bench/zeroshot_speed.py --count-only --limit 500
 """
 from __future__ import annotations
 

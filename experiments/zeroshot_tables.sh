@@ -10,16 +10,19 @@
 #   bash experiments/zeroshot_tables.sh                    → experiments/results/zeroshot_smollm2-135m/
 #   MSP_GEMMA=1 bash experiments/zeroshot_tables.sh        → also experiments/results/zeroshot_gemma3-270m/
 #   BEST=fisher bash experiments/zeroshot_tables.sh        the baseline allocation picked from the allocation grid
-# Smoke test (one configuration, 4 examples per task, minutes): 
+# Smoke test (one configuration, 4 examples per task, minutes; MODELS=tiny-llama for the plumbing only):
 #   LIMIT=4 PRUNERS=wanda SPARSITIES=0.5 ALLOCATIONS=uniform EXTRA="data.nsamples=2 data.eval_windows=2" \
 #     OUT=/tmp/zs_smoke NAME_SUFFIX=_smoke bash experiments/zeroshot_tables.sh
 #
-# Wall time (estimated from bench/results/zeroshot_speed.md, 2 CPU cores, batch 16): the 7 tasks at 500 examples are
-# 9,930 lm-eval requests, 1.06 M tokens (8,330 distinct inputs: lm-eval forwards BoolQ's and RTE's one-token answers
-# once); at ~450 tokens/s (one free core; 1.6 threads' worth ≈ 700 tokens/s on 2 free cores) that is ≈ 30-40 min per
-# evaluated model, x 13 evaluations (dense once + 12 pruned) ≈ 7-9 h of zero-shot for SmolLM2-135M, plus the pruning
-# and perplexity of the 12 runs (≈ 1.5 h, msp's search dominating), ≈ 9-10 h in all on an otherwise idle 2-core
-# machine; Gemma-3-270M costs about 2.5x that. See the script's final line for the measured total.
+# Wall time (estimated; a full run was not made): the 7 tasks at 500 examples are 9,749 lm-eval requests, 429k tokens
+# (8,196 distinct inputs, 319k tokens: lm-eval forwards BoolQ's and RTE's one-token answers once; counted with
+# `python bench/zeroshot_speed.py --count-only --limit 500`, bench/results/zeroshot_speed_smollm2-135m_count_limit500.json).
+# The zero-shot stage runs at ~400 tokens per CPU-second on one core (bench/results/zeroshot_speed_smollm2-135m_cpu.md,
+# batch 4), so one evaluation of SmolLM2-135M is ≈ 18 min of one core; 13 evaluations (dense once, cached, + 12
+# pruned) ≈ 4 h, plus pruning and perplexity of the 12 runs (≈ 1 h, msp's 20-generation search dominating):
+# ≈ 5 h on one free core, ≈ 3-4 h with both cores of an otherwise idle 2-core machine (OMP_NUM_THREADS=2). On a shared
+# machine it is proportionally longer. Gemma-3-270M (MSP_GEMMA=1) costs roughly 2-3x that again.
+# The script prints its measured total at the end; each run's timings are in its results.json.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -28,7 +31,7 @@ LIMIT=${LIMIT:-500}                       # examples per task (the first N; whol
 PRUNERS=${PRUNERS:-"wanda sparsegpt"}
 SPARSITIES=${SPARSITIES:-0.5,0.7}
 ALLOCATIONS=${ALLOCATIONS:-uniform,$BEST,msp}
-BATCH=${BATCH:-16}                        # lm-eval requests per forward (bench/zeroshot_speed.py)
+BATCH=${BATCH:-4}                         # lm-eval requests per forward (bench/zeroshot_speed.py: larger is slower on a CPU)
 EXTRA=${EXTRA:-}                          # more overrides, e.g. for a smoke test
 OUT=${OUT:-outputs/multirun}              # sweep folders: $OUT/zeroshot_<model>/<pruner>
 RESULTS=${RESULTS:-experiments/results}   # tables: $RESULTS/zeroshot_<model>$NAME_SUFFIX/
