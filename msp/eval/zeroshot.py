@@ -1,7 +1,9 @@
 """Zero-shot accuracy through lm-eval (0.4.x, in-process) on the pruned model object itself.
 
 The model is never re-loaded from disk: ``lm_eval.models.huggingface.HFLM(pretrained=<nn.Module>)`` wraps it and
-``lm_eval.simple_evaluate`` runs lm-eval's own task YAMLs.
+``lm_eval.simple_evaluate`` runs lm-eval's own task YAMLs. The wrapper is lm-eval's ``HFLM`` with one saving
+(:func:`_continuation_lm_class`): the lm_head and the log-softmax run only over the positions whose logits a batch
+scores (``bench/zeroshot_speed.py`` measures it against a bare forward; the accuracies are lm-eval's).
 
 Data source (``zeroshot.source``):
 
