@@ -101,8 +101,9 @@ def render(model: str, runs: list[dict], command: str) -> dict[str, str]:
                  *(x if x is not None else "" for t in tasks for x in r["tasks"].get(t, (None, None))),
                  "" if r["mean"] is None else r["mean"], "" if r["mean_stderr"] is None else r["mean_stderr"]] for r in rows]
     total, zs = wall_time([r for r in runs if r.get("zeroshot")])
+    n = len([r for r in runs if r.get("zeroshot")])
     md = [f"# Zero-shot accuracy and perplexity: {model}", "",
-          f"Built by `experiments/zeroshot_table.py` from {len([r for r in runs if r.get('zeroshot')])} runs. "
+          f"Built by `experiments/zeroshot_table.py` from {n} run{'s' if n != 1 else ''}. "
           f"{bt.zeroshot_note(runs)} Each cell: lm-eval's accuracy ± its standard error (points); the mean over the "
           f"{len(tasks)} tasks ± sqrt(Σ stderr²)/{len(tasks)}. Perplexity: lower is better.", "",
           bt.markdown_table(header, md_rows), "",

@@ -23,6 +23,8 @@
 # ≈ 5 h on one free core, ≈ 3-4 h with both cores of an otherwise idle 2-core machine (OMP_NUM_THREADS=2). On a shared
 # machine it is proportionally longer. Gemma-3-270M (MSP_GEMMA=1) costs roughly 2-3x that again.
 # The script prints its measured total at the end; each run's timings are in its results.json.
+# Smoke-tested end to end (the command above, SmolLM2-135M, one Wanda run at 4 examples per task): 9 min wall on the
+# shared machine (load ~12), dense and pruned zero-shot ≈ 2 min each for 88 requests.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
