@@ -415,8 +415,9 @@ def plot_all(runs: list[dict], out: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- main
-def write_atomically(files: dict[str, str], runs: list[dict], dest: Path, plots: bool = True) -> list[str]:
-    """Build everything in a temp folder next to ``dest``, then swap it in with renames."""
+def write_atomically(files: dict[str, str], runs: list[dict], dest: Path, plots: bool = True, plotter=None) -> list[str]:
+    """Build everything in a temp folder next to ``dest``, then swap it in with renames; ``plotter(runs, folder)``
+    (default :func:`plot_all`) draws the PNGs and returns their names."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     umask = os.umask(0)
@@ -425,7 +426,7 @@ def write_atomically(files: dict[str, str], runs: list[dict], dest: Path, plots:
     try:
         for fname, text in files.items():
             (tmp / fname).write_text(text)
-        written = plot_all(runs, tmp) if plots else []
+        written = (plotter or plot_all)(runs, tmp) if plots else []
         old = None
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")

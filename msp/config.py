@@ -235,7 +235,7 @@ class WandbLogger:
 
 @dataclass
 class ExportConfig:
-    semi_structured: bool = False  # true: pack the 2:4 layers to <run dir>/model-2of4 (needs pattern=2:4)
+    semi_structured: bool = False  # true: on a CUDA GPU, 2:4 layers become torch semi-structured tensors (needs pattern=2:4)
     quantized: bool = False  # true: write <run dir>/model-quantized (compressed-tensors pack-quantized; needs pruner=sparsegpt pruner.bits)
 
 

@@ -66,7 +66,7 @@ class RunSpec:
     config_hash: str | None = None  # msp.sweep.config_hash of the resolved config (skip_done matches on it)
     streaming: str = "auto"  # auto | true | false: one decoder block at a time on the device (msp.streaming)
     gpu_budget_gb: float | None = None  # device memory budget for streaming decisions (None: the GPU's free memory)
-    export: dict | None = None  # {"semi_structured": bool}: pack 2:4 layers (msp.export) at the end of the run
+    export: dict | None = None  # {"semi_structured": bool}: 2:4 layers to semi-structured tensors on a GPU (msp.export) at the end
     true_sequential: bool = False  # prune inside each block's forward, the calibration set as one batch (msp.prune.prune_)
     model_loader: str = "auto"  # model.loader: hf | gguf | tiny (auto: from the name)
     max_seqlen: int | None = None  # model.max_seqlen: the context checked before loading (None: checked after loading)
@@ -417,7 +417,7 @@ def export_stage(spec: RunSpec, loaded: LoadedModel, data: RunData, run_dir: Pat
     from msp.export import export_run  # last: on a GPU it converts the model's 2:4 layers in place
 
     with meter.stage("export"):
-        return export_run(loaded.model, loaded.tokenizer, run_dir / "model-2of4", data.calibration_ids[:1])
+        return export_run(loaded.model, data.calibration_ids[:1])
 
 
 def layer_rows(reports: list, sensitivity: SensitivityReport | None) -> list[dict]:

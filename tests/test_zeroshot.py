@@ -182,3 +182,83 @@ def test_source_resolution_respects_offline_env(monkeypatch):
     with pytest.raises(zeroshot.ZeroShotError, match="valid: auto, hub, embedded"):
         zeroshot.resolve_source("disk")
     zeroshot.hub_reachable.cache_clear()
+
+
+# ------------------------------------------------------------------------------ the lm_head-only-where-scored HFLM
+def _token_requests() -> list:
+    """Hand-made ``((context, continuation), context_enc, continuation_enc)`` requests of varied lengths: several
+    continuations of one context (multiple choice), one-token ones that lm-eval's logits cache groups, long and short."""
+    g = torch.Generator().manual_seed(0)
+
+    def toks(n):
+        return torch.randint(1, 256, (n,), generator=g).tolist()
+
+    reqs = []
+    for i, (ctx_len, conts) in enumerate([(30, [3, 5, 1, 2]), (7, [1, 1]), (50, [12, 4]), (3, [9]), (18, [1, 6, 6]), (1, [2])]):
+        ctx = toks(ctx_len)
+        for j, n in enumerate(conts):
+            reqs.append(((f"c{i}", f"k{j}"), ctx, toks(n)))
+    return reqs
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_continuation_lm_gives_lm_evals_loglikelihoods_with_fewer_logits(batch_size):
+    from lm_eval.models.huggingface import HFLM
+
+    from msp.eval.zeroshot import as_hf_tokenizer, make_lm
+    from msp.models import build_tiny_model
+
+    loaded = build_tiny_model("tiny-llama", seed=0)
+    reqs = _token_requests()
+    plain = HFLM(pretrained=loaded.model, tokenizer=as_hf_tokenizer(loaded.tokenizer), batch_size=batch_size)
+    reference = plain._loglikelihood_tokens(reqs, disable_tqdm=True)
+    kept: list[tuple[int, int]] = []  # (logits_to_keep, batch width) of every forward
+    hook = loaded.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: kept.append((kwargs.get("logits_to_keep", 0), (args[0] if args else kwargs["input_ids"]).shape[1])),
+        with_kwargs=True)
+    try:
+        fast = make_lm(loaded.model, loaded.tokenizer, {"batch_size": batch_size})._loglikelihood_tokens(reqs, disable_tqdm=True)
+    finally:
+        hook.remove()
+    assert len(fast) == len(reference) == len(reqs)
+    for (ll, greedy), (ll_ref, greedy_ref) in zip(fast, reference):
+        assert ll == pytest.approx(ll_ref, rel=1e-5, abs=1e-4) and greedy == greedy_ref
+    assert kept and all(0 < k <= w for k, w in kept)
+    if batch_size < 64:  # (one batch of all: the shortest request's context starts at position 0, nothing to skip)
+        assert sum(k for k, _ in kept) < sum(w for _, w in kept)  # the lm_head skipped the context positions
+    # one-token continuations of one context share a forward (lm-eval's cache): fewer forwards than requests
+    assert len(kept) < -(-len(reqs) // batch_size) or batch_size == 64
+
+
+def test_continuation_lm_falls_back_to_full_logits_when_batches_differ(caplog):
+    from msp.eval.zeroshot import make_lm
+    from msp.models import build_tiny_model
+
+    loaded = build_tiny_model("tiny-llama", seed=0)
+    lm = make_lm(loaded.model, loaded.tokenizer, {"batch_size": 2})
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]])
+    lm._keep_plan = [(torch.zeros(2, 4, dtype=torch.long), 1)]  # a replay that does not match this batch
+    with torch.no_grad():
+        out = lm._model_call(ids)
+        full = loaded.model(ids).logits
+    assert out.shape == full.shape and torch.equal(out, full)
+    assert lm._keep_plan is None and "full logits" in caplog.text
+
+
+def test_continuation_lm_keeps_embedded_task_accuracies(monkeypatch, tmp_path):
+    """Same per-task metrics as lm-eval's own HFLM on a few embedded tasks (tiny-llama, first 6 examples)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from msp.eval import zeroshot as zs
+    from msp.models import build_tiny_model
+
+    loaded = build_tiny_model("tiny-llama", seed=0)
+    options = {"tasks": ["boolq", "hellaswag", "arc_easy", "winogrande"], "limit": 6, "batch_size": 4, "source": "embedded",
+               "data_dir": str(tmp_path)}
+    fast = zs.run_zeroshot(loaded.model, loaded.tokenizer, options, "cpu")
+    monkeypatch.setattr(zs, "make_lm", lambda model, tok, opts: HFLM(pretrained=model, tokenizer=zs.as_hf_tokenizer(tok),
+                                                                     batch_size=int(opts["batch_size"])))
+    plain = zs.run_zeroshot(loaded.model, loaded.tokenizer, options, "cpu")
+    assert set(fast["zeroshot"]) == {"boolq", "hellaswag", "arc_easy", "winogrande", "mean"}
+    for task in ("boolq", "hellaswag", "arc_easy", "winogrande"):
+        assert fast["zeroshot"][task] == plain["zeroshot"][task], task

@@ -1,7 +1,9 @@
 """Zero-shot accuracy through lm-eval (0.4.x, in-process) on the pruned model object itself.
 
 The model is never re-loaded from disk: ``lm_eval.models.huggingface.HFLM(pretrained=<nn.Module>)`` wraps it and
-``lm_eval.simple_evaluate`` runs lm-eval's own task YAMLs.
+``lm_eval.simple_evaluate`` runs lm-eval's own task YAMLs. The wrapper is lm-eval's ``HFLM`` with one saving
+(:func:`_continuation_lm_class`): the lm_head and the log-softmax run only over the positions whose logits a batch
+scores (``bench/zeroshot_speed.py`` measures it against a bare forward; the accuracies are lm-eval's).
 
 Data source (``zeroshot.source``):
 
@@ -347,6 +349,89 @@ def _logged_mean(scores: dict[str, dict[str, float]], metric: str) -> float:
     return mean
 
 
+def _forward_keeps_logits(model: nn.Module) -> bool:
+    """True when ``model.forward`` takes ``logits_to_keep`` (transformers' causal LMs: Llama, OPT, Gemma-3, ...)."""
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _continuation_lm_class():
+    """``HFLM`` that computes the lm_head (and so lm-eval's log-softmax) only over the positions a batch scores.
+
+    lm-eval's ``_loglikelihood_tokens`` right-pads each batch to its longest input, runs ``model(inps).logits`` over
+    every position, log-softmaxes the full ``[batch, width, vocab]`` tensor and then keeps, per request,
+    ``logits[inplen - contlen : inplen]`` — the continuation. Here the forward gets ``logits_to_keep = k``, the
+    smallest trailing slice that still holds every row's continuation (``k = max_i (width - inplen_i + contlen_i)``);
+    lm-eval's own slicing already handles a shorter logits tensor (its ``ctx_len = inplen + (k - width)``, written for
+    prompt-tuning's virtual tokens), so everything after the forward (log-softmax, greedy check, the one-token
+    continuation cache, the metrics) is lm-eval's code unchanged. The hidden states are the same; only the rows the
+    requests never read are not projected onto the vocabulary (for SmolLM2-135M the lm_head is a fifth of a forward).
+
+    ``k`` per batch comes from replaying lm-eval's own batching (same ``Collator``, same sort and grouping) before the
+    call; ``_model_call`` checks each batch against the replay and falls back to the full logits on any mismatch.
+    """
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.utils import Collator
+
+    class ContinuationHFLM(HFLM):
+        _keep_plan: list | None = None
+
+        def _plan_keeps(self, requests) -> list | None:
+            if self.backend != "causal" or self.batch_size == "auto" or not _forward_keeps_logits(self.model):
+                return None
+
+            def _collate(req):  # lm-eval's HFLM._loglikelihood_tokens sort key
+                toks = req[1] + req[2]
+                return -len(toks), tuple(toks)
+
+            re_ord = Collator(requests, sort_fn=_collate, group_by="contexts" if self.logits_cache else None,
+                              group_fn=lambda req: req[-2] + req[-1][:-1])
+            plan = []
+            for chunk in re_ord.get_batched(n=int(self.batch_size)):
+                inps = [(ctx + cont)[-(self.max_length + 1):][:-1] for _, ctx, cont in chunk]
+                width = max(len(i) for i in inps)
+                keep = max(width - len(i) + len(cont) for i, (_, _, cont) in zip(inps, chunk))
+                batch = torch.zeros(len(inps), width, dtype=torch.long)
+                for row, inp in enumerate(inps):
+                    batch[row, :len(inp)] = torch.tensor(inp, dtype=torch.long)
+                plan.append((batch, min(keep, width)))
+            plan.reverse()  # popped from the end
+            return plan
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            self._keep_plan = None if override_bs else self._plan_keeps(requests)
+            try:
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            finally:
+                self._keep_plan = None
+
+        def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+            plan = self._keep_plan
+            if attn_mask is not None or labels is not None or not plan:
+                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            expected, keep = plan.pop()
+            if expected.shape != inps.shape or not torch.equal(expected, inps.to(expected.device)):
+                log.warning("zero-shot: lm-eval's batches differ from msp's replay; scoring with full logits from here on")
+                self._keep_plan = None
+                return super()._model_call(inps)
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                                 enabled=self.mixed_precision_dtype is not None):
+                return self.model(inps, logits_to_keep=keep).logits
+
+    return ContinuationHFLM
+
+
+def make_lm(model: nn.Module, tokenizer, options: dict):
+    """The lm-eval model object that wraps ``model`` in memory (the seam bench/zeroshot_speed.py instruments)."""
+    return _continuation_lm_class()(pretrained=model, tokenizer=as_hf_tokenizer(tokenizer),
+                                    batch_size=int(options.get("batch_size", 4)), max_length=options.get("max_length"))
+
+
 def run_zeroshot(model: nn.Module, tokenizer, options: dict, device: torch.device | str) -> dict:  # ~64 lines: one lm-eval call, its task set-up and its error translation
     """Evaluate ``model`` (in memory, as pruned) on ``options["tasks"]`` with lm-eval.
 
@@ -355,7 +440,6 @@ def run_zeroshot(model: nn.Module, tokenizer, options: dict, device: torch.devic
     which :func:`msp.run.run` merges into ``results.json``.
     """
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     tasks = canonical_tasks(list(options.get("tasks") or []))
@@ -381,8 +465,7 @@ def run_zeroshot(model: nn.Module, tokenizer, options: dict, device: torch.devic
         # every requested task found in our own folders → skip the ~10 s scan of lm-eval's registry
         own = _own_tasks(tuple(paths))
         manager = TaskManager(include_path=paths or None, include_defaults=not set(tasks) <= own)
-        lm = HFLM(pretrained=model, tokenizer=as_hf_tokenizer(tokenizer), batch_size=int(options.get("batch_size", 4)),
-                  max_length=options.get("max_length"))
+        lm = make_lm(model, tokenizer, options)
         was_training = model.training
         model.eval()
         try:
