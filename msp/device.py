@@ -106,11 +106,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def _rank_gpu() -> int:
     """The GPU of this process: ``LOCAL_RANK`` (torchrun) or ``SLURM_LOCALID`` when a run has several ranks
-    (:mod:`msp.distributed`: one GPU per rank), else 0."""
+    (:mod:`msp.distributed`: one GPU per rank), else 0; 0 too where each rank sees one GPU only."""
     from msp.distributed import ranks
 
     r = ranks()
-    if not r.many:
+    if not r.many or torch.cuda.device_count() == 1:  # one GPU visible: the rank's own (srun --gpus-per-task=1)
         return 0
     if r.local >= torch.cuda.device_count():
         raise DeviceError(f"{r} has local rank {r.local} but only {torch.cuda.device_count()} GPU(s) are visible; "
