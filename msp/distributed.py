@@ -209,15 +209,23 @@ def agree(values: tuple, r: Ranks, timeout_s: float) -> list[tuple]:
     return out
 
 
-def same_search(fingerprint: str, source, r: Ranks, timeout_s: float):
+def same_search(fingerprint: str, source, r: Ranks, timeout_s: float, resume: bool = False):
     """Check that every rank runs the same search (its checkpoint ``fingerprint``) and return the checkpoint source
-    of rank 0, which every rank resumes from (another rank's Hydra run dir may differ: its ``${now:...}`` second)."""
+    of rank 0, which every rank resumes from (another rank's Hydra run dir may differ: its ``${now:...}`` second).
+    With ``resume``, every rank must also see that checkpoint (or none may): else one would start afresh."""
     views = agree((fingerprint, None if source is None else str(source)), r, timeout_s)
     odd = [k for k, (fp, _) in enumerate(views) if fp != views[0][0]]
     if odd:
         raise RankError(f"rank(s) {', '.join(map(str, odd))} of {r.world} run another search than rank 0 (other settings or data); "
                         f"start every rank with the same command")
-    return None if views[0][1] is None else Path(views[0][1])
+    chosen = None if views[0][1] is None else Path(views[0][1])
+    if resume and r.many:
+        seen = [bool(v[0]) for v in agree((chosen is not None and chosen.exists(),), r, timeout_s)]
+        blind = [k for k, ok in enumerate(seen) if ok != seen[0]]
+        if blind:
+            raise RankError(f"rank(s) {', '.join(map(str, blind))} of {r.world} do not see rank 0's search checkpoint {chosen} "
+                            f"(another filesystem?); put the run dir (or allocation.resume_from) where every rank can read it")
+    return chosen
 
 
 class DistributedFitness:

@@ -71,6 +71,25 @@ def test_master_address_from_the_environment_or_the_slurm_job():
     assert master_address(Ranks(0, 2, 0, "torchrun"), {}) == ("127.0.0.1", 29500)
 
 
+def test_the_timeout_is_checked_and_does_not_change_the_config_hash():
+    from hydra import compose, initialize_config_dir
+
+    from msp.allocation.base import AllocationError
+    from msp.cli import CONF_DIR
+    from msp.masks import Pattern
+    from msp.search.settings import parse_options
+    from msp.sweep import config_hash_of
+
+    assert parse_options({"dist_timeout_s": 30}, 0.5, Pattern.parse("unstructured")).dist_timeout_s == 30.0
+    with pytest.raises(AllocationError, match=r"allocation.dist_timeout_s=0 must be > 0"):
+        parse_options({"dist_timeout_s": 0}, 0.5, Pattern.parse("unstructured"))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        hashes = {config_hash_of(compose(config_name="config", overrides=["allocation=msp", "cache_dir=/tmp/x", *extra]))
+                  for extra in ([], ["allocation.dist_timeout_s=5"])}
+        other = config_hash_of(compose(config_name="config", overrides=["allocation=msp", "cache_dir=/tmp/x", "allocation.generations=3"]))
+    assert len(hashes) == 1 and other not in hashes
+
+
 def test_one_rank_scores_with_the_fitness_itself():
     fitness = lambda g, s: 1.0  # noqa: E731
     assert split_fitness(fitness, Ranks(), TIMEOUT) is fitness
@@ -94,7 +113,7 @@ def test_a_search_that_does_not_write_makes_the_same_search_without_files(tmp_pa
 WORKER = r"""
 import json, os, sys, time
 import numpy as np
-from msp.distributed import RankError, ranks, search_group, split_fitness
+from msp.distributed import RankError, ranks, same_search, search_group, split_fitness
 mode, out, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
 r = ranks()
 
@@ -123,6 +142,12 @@ try:
             genomes = [np.array([k]) for k in range(7)]
             record[name] = {"many": f.many(genomes, 1), "one": f(np.array([5]), 0), "few": f.many(genomes[:3], 0),
                             "seen": inner.seen, "batches": inner.batches, "scored": f.scored}
+        if mode == "ok":  # the ranks agree on rank 0's checkpoint source, and refuse to run different searches
+            record["source"] = str(same_search("fp", f"/runs/rank{r.rank}/search_state.json", rr, timeout))
+            try:
+                same_search(f"fp{r.rank}", None, rr, timeout)
+            except RankError as exc:
+                record["differ"] = str(exc)
 except RankError as exc:
     record["error"] = str(exc)
 with open(out, "w") as fh:
@@ -158,6 +183,9 @@ def test_two_ranks_score_their_share_and_get_every_value_in_order(tmp_path):
     # the inner fitness's own many, with this rank's share (not called when it has none)
     assert r0["many"]["batches"] == [[0, 2, 4, 6], [5], [0, 2]] and r1["many"]["batches"] == [[1, 3, 5], [1]]
     assert (r0["call"]["scored"], r1["call"]["scored"]) == (7, 4)
+    assert r0["source"] == r1["source"] == "/runs/rank0/search_state.json"
+    assert r0["differ"] == r1["differ"] == ("rank(s) 1 of 2 run another search than rank 0 (other settings or data); "
+                                            "start every rank with the same command")
 
 
 @pytest.mark.parametrize("mode", ["dies", "hangs"])

@@ -96,7 +96,7 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocated:
     search = build_search(ctx, settings)
     timeout = settings.dist_timeout_s
     with search_group(ctx.device, timeout) as ranks:  # several ranks (torchrun, SLURM): the candidates split across them
-        search.source = same_search(search.evolution.fingerprint, search.source, ranks, timeout)
+        search.source = same_search(search.evolution.fingerprint, search.source, ranks, timeout, settings.resume)
         check_checkpoint(search)
         with candidate_source(ctx, search) as source:
             fitness = split_fitness(source.fitness, ranks, timeout, ctx.device)
