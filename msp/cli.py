@@ -9,8 +9,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from msp.config import register_configs
-from msp.errors import MspError
+from msp.distributed import quiet_progress
+
+quiet_progress()  # before msp.config imports tqdm (through the search): ranks other than 0 draw no progress bars
+
+from msp.config import register_configs  # noqa: E402
+from msp.errors import MspError  # noqa: E402
 
 log = logging.getLogger("msp")
 
@@ -74,11 +78,13 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> float | None:
+    from msp.distributed import is_writer, quiet_logging
     from msp.results import summary_table
     from msp.run import run, validate_early
     from msp.tracking import make_tracker
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    quiet_logging()  # several ranks (torchrun, SLURM): rank 0 alone logs to the file and reports
     if cfg.skip_done:
         from msp.sweep import skip_if_done
 
@@ -89,7 +95,7 @@ def app(cfg: DictConfig) -> float | None:
     try:
         spec = spec_from_config(cfg)
         validate_early(spec)  # the one value check, before any weights are loaded
-        tracker = make_tracker(OmegaConf.to_container(cfg.logger, resolve=True))
+        tracker = make_tracker(OmegaConf.to_container(cfg.logger, resolve=True) if is_writer() else None)
         tracker.start(OmegaConf.to_container(cfg, resolve=True), run_dir, name=run_dir.name, group=spec.experiment,
                       tags=[spec.model, spec.pruner.name, str(spec.pattern), str(spec.allocation.get("method")), f"s{spec.sparsity}"])
         results = run(spec, run_dir, tracker)
@@ -104,8 +110,9 @@ def app(cfg: DictConfig) -> float | None:
     finally:
         if tracker is not None:
             tracker.finish(failed=failed)
-    print(summary_table(results))
-    print(f"\nresults: {run_dir / 'results.json'}")
+    if is_writer():
+        print(summary_table(results))
+        print(f"\nresults: {run_dir / 'results.json'}")
     return next(iter(results["ppl"].values()), None)
 
 
@@ -132,6 +139,9 @@ def check_output_dir(argv: list[str]) -> None:
 
 def main() -> None:
     check_output_dir(sys.argv[1:])
+    from msp.distributed import quiet_other_ranks
+
+    quiet_other_ranks(sys.argv)  # ranks other than 0: no .hydra/ copies of the config
     app()
 
 

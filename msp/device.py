@@ -84,23 +84,44 @@ def dtype_bytes(dtype: torch.dtype) -> int:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → first GPU if there is one, else CPU; ``cpu``; ``cuda`` / ``cuda:N``."""
+    """``auto`` → first GPU if there is one, else CPU; ``cpu``; ``cuda`` / ``cuda:N``. With several ranks
+    (torchrun, SLURM tasks) ``auto`` and ``cuda`` are the rank's own GPU, ``cuda:LOCAL_RANK``."""
     name = str(name).strip().lower()
     if name == "auto":
-        return torch.device("cuda", 0) if cuda_available() else torch.device("cpu")
+        return torch.device("cuda", _rank_gpu()) if cuda_available() else torch.device("cpu")
     if name == "cpu":
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not cuda_available():
             raise DeviceError(f"device={name} was asked for but no CUDA GPU is visible; use device=cpu or device=auto")
         dev = torch.device(name)
-        index = dev.index or 0
+        index = dev.index if dev.index is not None else _rank_gpu()
         if index >= torch.cuda.device_count():
             raise DeviceError(
                 f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible; use cuda:0..cuda:{torch.cuda.device_count() - 1}"
             )
         return torch.device("cuda", index)
     raise DeviceError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N")
+
+
+def _rank_gpu() -> int:
+    """The GPU of this process: ``LOCAL_RANK`` (torchrun) or ``SLURM_LOCALID`` when a run has several ranks
+    (:mod:`msp.distributed`: one GPU per rank), else 0; 0 too where each rank sees one GPU only."""
+    from msp.distributed import ranks
+
+    r = ranks()
+    if not r.many or torch.cuda.device_count() == 1:  # one GPU visible: the rank's own (srun --gpus-per-task=1)
+        return 0
+    if r.local >= torch.cuda.device_count():
+        raise DeviceError(f"{r} has local rank {r.local} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                          f"start one process per GPU (torchrun --nproc-per-node {torch.cuda.device_count()})")
+    return r.local
+
+
+def use_device(device: torch.device) -> None:
+    """Make ``device`` the current GPU of this process (NCCL's collectives run there); nothing on the CPU."""
+    if is_gpu(device):
+        torch.cuda.set_device(device)
 
 
 def resolve_devices(spec) -> list[torch.device]:

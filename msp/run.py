@@ -22,6 +22,7 @@ from msp.allocation.budget import check_target
 from msp.allocation.build import Allocated, AllocationContext, build_allocation, check_allocation_on_model, check_allocation_options
 from msp.cache import DiskCache, cache_key
 from msp.device import StageMeter, is_gpu, resolve_device, resolve_devices, resolve_dtype
+from msp.distributed import is_writer
 from msp.errors import MspError
 from msp.eval.perplexity import perplexity
 from msp.io import write_json_atomic
@@ -248,10 +249,11 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
         dense_zeroshot=dense_zs, zeroshot=zeroshot, saved_model=saved, export=export, quantized_export=quantized,
         provenance=provenance_of(spec, device, weights, data),
     ).to_json()
-    write_json_atomic(run_dir / "results.json", results)
-    if spec.report:
-        report_stage(run_dir)
-    tracker.log_results(results, run_dir)
+    if is_writer():  # several ranks (msp.distributed): rank 0 alone writes the run's files
+        write_json_atomic(run_dir / "results.json", results)
+        if spec.report:
+            report_stage(run_dir)
+        tracker.log_results(results, run_dir)
     return results
 
 
@@ -335,6 +337,8 @@ def allocation_stage(spec: RunSpec, model: torch.nn.Module, device: torch.device
         run_dir=run_dir, batch_size=spec.batch_size, tracker=tracker, plan=plan, bos_token_id=data.bos,
     )
     outcome = build_allocation(ctx, dict(spec.allocation))
+    if not is_writer():
+        return outcome
     outcome.allocation.save(run_dir / "allocation.json")
     if outcome.sensitivity is not None:
         write_json_atomic(run_dir / "sensitivity.json", outcome.sensitivity.to_json())
@@ -368,7 +372,7 @@ def zeroshot_stage(spec: RunSpec, loaded: LoadedModel, device: torch.device, pla
 
 
 def save_stage(spec: RunSpec, loaded: LoadedModel, run_dir: Path, meter: StageMeter) -> str | None:
-    if not spec.save_model:
+    if not spec.save_model or not is_writer():
         return None
     with meter.stage("save_model"):
         save_pruned_model(loaded, run_dir / "model")
@@ -389,7 +393,7 @@ def quantized_export_stage(spec: RunSpec, loaded: LoadedModel, qparams: dict | N
     """export.quantized: write ``<run dir>/model-quantized`` (compressed-tensors pack-quantized, float16 scales and
     unpacked tensors, as deployed); its :class:`~msp.quantized_export.QuantizedExport` as JSON, with the dense
     float16 size beside it."""
-    if qparams is None:
+    if qparams is None or not is_writer():
         return None
     from msp.quantized_export import save_pack_quantized
 
@@ -412,7 +416,7 @@ def report_stage(run_dir: Path) -> None:
 
 
 def export_stage(spec: RunSpec, loaded: LoadedModel, data: RunData, run_dir: Path, meter: StageMeter) -> dict | None:
-    if not (spec.export or {}).get("semi_structured"):
+    if not (spec.export or {}).get("semi_structured") or not is_writer():
         return None
     from msp.export import export_run  # last: on a GPU it converts the model's 2:4 layers in place
 

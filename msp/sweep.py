@@ -15,7 +15,8 @@ from typing import Any, Iterable
 log = logging.getLogger(__name__)
 
 #: dotted keys that do not change a run's numbers: where things are written, how they are logged
-OUTPUT_ONLY_KEYS = ("cache_dir", "use_cache", "skip_done", "done_dirs", "logger", "experiment", "zeroshot.data_dir", "report")
+OUTPUT_ONLY_KEYS = ("cache_dir", "use_cache", "skip_done", "done_dirs", "logger", "experiment", "zeroshot.data_dir", "report",
+                    "allocation.dist_timeout_s")
 #: options added after runs were recorded, at the value that reproduces the earlier behaviour: dropped from the hash
 #: at that value, so finished runs still count as done; any other value is part of the hash as usual
 NEUTRAL_DEFAULTS = {"true_sequential": False, "eval.devices": None, "eval.skip": False, "export.quantized": False,

@@ -40,6 +40,8 @@ from msp.allocation.base import Allocation, AllocationError
 from msp.allocation.baselines import BLOCK_ONLY
 from msp.allocation.build import Allocated, AllocationContext, allocator_entry, build_allocation, load_allocation_file
 from msp.allocation.registry import load
+from msp.distributed import ranks as run_ranks
+from msp.distributed import same_search, search_group, split_fitness
 from msp.masks import Pattern
 from msp.models import find_blocks, layer_block_index
 from msp.numerics import check_all_finite, weights_hint
@@ -92,15 +94,19 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocated:
     started = time.perf_counter()
     settings = parse_options(options, ctx.target, ctx.pattern, ctx.seed)
     search = build_search(ctx, settings)
-    check_checkpoint(search)
-    with candidate_source(ctx, search) as source:
-        last = settings.config.stages - 1
-        search.start.score = lambda genome: search.evolution.score(source.fitness, genome, last)
-        t0, c0 = time.perf_counter(), time.process_time()
-        result = search.evolution.run(source.fitness, search.start, resume=settings.resume, resume_from=search.source)
-        # the start population (e.g. the Fisher pass) is timed on its own, inside the run
-        seconds = (time.perf_counter() - t0 - search.start.wall, time.process_time() - c0 - search.start.cpu)
-    report = SearchReport.of(search, source, result, seconds, started)
+    timeout = settings.dist_timeout_s
+    with search_group(ctx.device, timeout) as ranks:  # several ranks (torchrun, SLURM): the candidates split across them
+        search.source = same_search(search.evolution.fingerprint, search.source, ranks, timeout, settings.resume)
+        check_checkpoint(search)
+        with candidate_source(ctx, search) as source:
+            fitness = split_fitness(source.fitness, ranks, timeout, ctx.device)
+            last = settings.config.stages - 1
+            search.start.score = lambda genome: search.evolution.score(fitness, genome, last)
+            t0, c0 = time.perf_counter(), time.process_time()
+            result = search.evolution.run(fitness, search.start, resume=settings.resume, resume_from=search.source)
+            # the start population (e.g. the Fisher pass) is timed on its own, inside the run
+            seconds = (time.perf_counter() - t0 - search.start.wall, time.process_time() - c0 - search.start.cpu)
+    report = SearchReport.of(search, source, result, seconds, started, ranks=ranks.world)
     log.info("search done: fitness %s %.5f (initial %s allocation) -> %.5f (best) in %d generations, %d evaluations, %.1f s "
              "(precompute %.1f s, init %.1f s, search %.1f s)", settings.metric, result.initial_fitness, settings.init,
              result.best_fitness, result.generations, result.evaluations, report.wall_seconds["total"], source.wall,
@@ -177,7 +183,7 @@ def build_search(ctx: AllocationContext, settings: Settings) -> Search:
     windows, windows_per_stage = fitness_windows(ctx, settings)
     evolution = Evolution(grid.space, settings.config, checkpoint=ctx.run_dir / STATE_FILE if ctx.run_dir is not None else None,
                           fingerprint_extra=fingerprint_fields(ctx, settings, mode), describe=_describer(grid),
-                          on_generation=_tracker_callback(ctx))
+                          on_generation=_tracker_callback(ctx), writer=run_ranks().writer)
     start = StartPopulation(ctx, settings, grid, units)
     return Search(settings, mode, unit_names, units, grid, step, windows, windows_per_stage, start, evolution,
                   settings.checkpoint_source(ctx.run_dir))
@@ -411,11 +417,13 @@ class SearchReport:
     cpu_seconds: dict[str, float]
     variant_windows: int
     checkpoint: str | None
+    ranks: int = 1  # processes that scored the candidates together (msp.distributed)
 
     @classmethod
     def of(cls, search: Search, source: CandidateSource, result: SearchResult, seconds: tuple[float, float],
-           started: float) -> "SearchReport":
-        """``seconds``: (wall, CPU) of the evolution without the start population; ``started``: the allocator's start."""
+           started: float, ranks: int = 1) -> "SearchReport":
+        """``seconds``: (wall, CPU) of the evolution without the start population; ``started``: the allocator's start;
+        ``ranks``: the processes the search ran on."""
         st, grid, start = search.settings, search.grid, search.start
         last = st.config.stages - 1
         return cls(
@@ -432,7 +440,7 @@ class SearchReport:
             wall_seconds={"precompute": source.wall, "init": start.wall, "search": seconds[0], "total": time.perf_counter() - started},
             cpu_seconds={"precompute": source.cpu, "init": start.cpu, "search": seconds[1]},
             variant_windows=source.variant_windows,
-            checkpoint=str(search.evolution.checkpoint) if search.evolution.checkpoint else None,
+            checkpoint=str(search.evolution.checkpoint) if search.evolution.checkpoint else None, ranks=ranks,
         )
 
     def to_json(self) -> dict:

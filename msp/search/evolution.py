@@ -354,6 +354,8 @@ class Evolution:
     Built from the space and the configuration alone (a checkpoint can be checked before any fitness exists);
     :meth:`run` takes the fitness. ``describe(genome) -> str`` renders the current best for the log;
     ``on_generation(generation, best, mean, best_genome)`` is called after every generation (e.g. for a tracker).
+    ``writer=False`` (ranks other than 0 of a distributed search, :mod:`msp.distributed`): the same search, without
+    writing the checkpoint, logging the generations or calling ``on_generation``.
     """
 
     def __init__(
@@ -365,6 +367,7 @@ class Evolution:
         fingerprint_extra: dict | None = None,
         describe: Callable[[np.ndarray], str] | None = None,
         on_generation: Callable[[int, float, float, np.ndarray], None] | None = None,
+        writer: bool = True,
     ):
         self.space = space
         self.config = config
@@ -377,6 +380,7 @@ class Evolution:
         self.fingerprint = fingerprint_of(self.fields)
         self.describe = describe or (lambda g: " ".join(str(int(x)) for x in g))
         self.on_generation = on_generation
+        self.writer = writer
         self._memo: dict[tuple[tuple[int, ...], int], float] = {}
         self.evaluations = 0
 
@@ -556,7 +560,7 @@ class Evolution:
                  self.config.generations, min(state.fitness))
         for g, f in zip(state.population, state.fitness):
             self._memo[(tuple(int(x) for x in g), self.config.stages - 1)] = f
-        if self.checkpoint is not None and Path(source).resolve() != self.checkpoint.resolve():
+        if self.writer and self.checkpoint is not None and Path(source).resolve() != self.checkpoint.resolve():
             _write_history(self.checkpoint, state.history)  # continued here: this run dir's files start complete
             state.save(self.checkpoint)
         return state
@@ -612,11 +616,13 @@ class Evolution:
 
     def _save(self, state: SearchState, record: dict, new: bool = False) -> None:
         """The history line first, then the state: a kill in between leaves a line that :meth:`SearchState.load` drops."""
-        if self.checkpoint is not None:
+        if self.checkpoint is not None and self.writer:
             SearchState.append_history(self.checkpoint, record, new=new)
             state.save(self.checkpoint)
 
     def _log(self, generation: int, values: list[float], best: np.ndarray) -> None:
+        if not self.writer:
+            return
         mean = float(np.mean(values))
         log.info("search generation %d/%d: best fitness %.5f, mean %.5f, %d evaluations; best: %s",
                  generation, self.config.generations, min(values), mean, self.evaluations, self.describe(best))

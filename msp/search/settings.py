@@ -89,6 +89,7 @@ class SearchConfig:
     seed: Optional[int] = None  # None: the run's seed
     resume: bool = False
     resume_from: Optional[str] = None  # a run dir or a search_state.json
+    dist_timeout_s: float = 300.0  # several ranks (torchrun, SLURM tasks): seconds a rank waits for the others
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "SearchConfig":
@@ -140,6 +141,7 @@ class Settings:
     config: EvolutionConfig
     resume: bool
     resume_from: str | None
+    dist_timeout_s: float = 300.0
 
     def checkpoint_source(self, run_dir: Path | None) -> Path | None:
         """Where a resumed search reads its state: ``allocation.resume_from`` (a run dir or a file), else the run dir."""
@@ -172,6 +174,8 @@ def validate(config: SearchConfig, target: float, pattern: Pattern, seed: int = 
             raise AllocationError(f"allocation.{key}={value} must be >= {least}, e.g. allocation.{key}={_example(key)}")
     if c.store_budget_gb is not None and not c.store_budget_gb > 0:
         raise AllocationError(f"allocation.store_budget_gb={c.store_budget_gb:g} must be > 0 (GB of packed variants), e.g. allocation.store_budget_gb=8, or null")
+    if not c.dist_timeout_s > 0:
+        raise AllocationError(f"allocation.dist_timeout_s={c.dist_timeout_s:g} must be > 0 (seconds a rank waits for the others), e.g. allocation.dist_timeout_s=300")
     if not 0 < c.step < 1:
         raise AllocationError(f"allocation.step={c.step} must be in (0, 1), e.g. allocation.step=0.025")
     bounds = _bounds(c, target)
@@ -186,7 +190,7 @@ def validate(config: SearchConfig, target: float, pattern: Pattern, seed: int = 
         metric=c.fitness, step=c.step, bounds=bounds, tokens=tokens, survivors=survivors, fitness_seqlen=c.fitness_seqlen,
         fitness_batch_size=c.fitness_batch_size, max_levels=c.max_levels, store_budget_gb=c.store_budget_gb, init_swaps=c.init_swaps, candidates=c.candidates,
         store=c.store, store_dtype=c.store_dtype, variant_nsamples=c.variant_nsamples, config=evolution, resume=c.resume,
-        resume_from=c.resume_from,
+        resume_from=c.resume_from, dist_timeout_s=c.dist_timeout_s,
     )
 
 
