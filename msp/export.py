@@ -39,8 +39,9 @@ import torch
 from torch import nn
 
 from msp.device import is_gpu
-from msp.models import prunable_layers
 from msp.errors import MspError
+from msp.io import atomic_dir, write_text_atomic
+from msp.models import prunable_layers
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,6 @@ def save_24(model: nn.Module, folder: Path, tokenizer=None) -> dict:
     layers = prunable_layers(model)
     check_24(layers)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     packed_names = {f"{name}.weight" for name in layers}
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -176,16 +176,17 @@ def save_24(model: nn.Module, folder: Path, tokenizer=None) -> dict:
         seen[ptr] = key
         tensors[key] = t.to("cpu").contiguous()
         packed_bytes += t.numel() * t.element_size()
-    save_file(tensors, str(folder / TENSORS_FILE), metadata={"format": FORMAT})
     manifest = {
         "format": FORMAT, "layers": sorted(packed_names), "aliases": aliases,
         "dense_bytes": dense_bytes, "packed_bytes": packed_bytes,
     }
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    if hasattr(model, "config") and hasattr(model.config, "save_pretrained"):
-        model.config.save_pretrained(folder)
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(folder)
+    with atomic_dir(folder) as out:  # written beside, renamed into place: a kill leaves no half-written folder
+        save_file(tensors, str(out / TENSORS_FILE), metadata={"format": FORMAT})
+        (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        if hasattr(model, "config") and hasattr(model.config, "save_pretrained"):
+            model.config.save_pretrained(out)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(out)
     log.info("wrote packed 2:4 model to %s: %.1f MiB (dense %.1f MiB)", folder, packed_bytes / 2**20, dense_bytes / 2**20)
     return manifest
 
@@ -498,21 +499,9 @@ def _recipe_comments(run: _RunFiles, granularity: str, prefix: str, means: list[
 
 def write_recipe(run_dir: str | Path, out: str | Path, pruner: str | None = None, granularity: str = "block") -> Path:
     """Write :func:`build_recipe`'s YAML to ``out`` atomically. Returns the path."""
-    import os
-    import tempfile
-
     text = build_recipe(run_dir, pruner, granularity).to_yaml()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(out, text)
     log.info("wrote llm-compressor recipe to %s", out)
     return out
 
