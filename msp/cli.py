@@ -102,6 +102,7 @@ def _run_job(cfg: DictConfig) -> float | None:
             if tracker is not None:
                 tracker.finish(failed=failed)
     except RunInterrupted as exc:
+        exc.sweep_dir = str(hydra_cfg.sweep.dir) if multirun else None
         _interrupted(exc, status, run_dir)
         raise
     except user_errors() as exc:  # msp's own errors are the user's to fix: one line; anything else is a bug: its traceback
@@ -153,11 +154,22 @@ def main() -> None:
         try:
             app()
         except RunInterrupted as exc:
-            stopped = exc.exit_code, exc.resume or f"msp: interrupted by {exc.signal}; no run was in progress; run the same command again"
+            stopped = exc.exit_code, _stop_line(exc)
     if stopped is not None:  # out of the except block: the unwound frames (and their progress bars) are gone
         code, line = stopped
         print(line, file=sys.stderr, flush=True)
         sys.exit(code)
+
+
+def _stop_line(exc) -> str:
+    """The process's last line: the run's resume line, or for a sweep the sweep's (a launcher's worker process only
+    knows its own job)."""
+    from msp.interrupt import sweep_resume_command
+
+    sweep = sweep_resume_command(sys.argv, exc.sweep_dir)
+    if sweep is None or (exc.resume or "").endswith(sweep):
+        return exc.resume or f"msp: interrupted by {exc.signal} before any run started; nothing to resume: run the same command again"
+    return f"msp: interrupted by {exc.signal}; the unfinished jobs have no results; resume with: {sweep}"
 
 
 if __name__ == "__main__":

@@ -40,12 +40,22 @@ class RunInterrupted(BaseException):
         self.signum = int(signum)
         self.signal = signal.Signals(self.signum).name
         self.stage: str | None = None  # the innermost stage running when it arrived (RunStatus.stage)
-        self.resume: str | None = None  # the command that resumes, once the CLI knows it
+        self.resume: str | None = None  # the line that says how to resume, once the CLI knows it
+        self.sweep_dir: str | None = None  # a sweep's job: the sweep's folder
         super().__init__(f"interrupted by {self.signal}")
 
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+    def __reduce__(self):  # across processes (a joblib launcher's worker): the signal, stage and resume line kept
+        return _rebuild, (self.signum, self.stage, self.resume, self.sweep_dir)
+
+
+def _rebuild(signum: int, stage: str | None, resume: str | None, sweep_dir: str | None = None) -> RunInterrupted:
+    exc = RunInterrupted(signum)
+    exc.stage, exc.resume, exc.sweep_dir = stage, resume, sweep_dir
+    return exc
 
 
 _depth = 0  # nesting of stop_on_signals (the CLI's main around the jobs of a sweep, each job inside)
@@ -114,12 +124,22 @@ def resume_command(overrides: Sequence[str], *, argv0: str, cwd: Path, multirun:
     """The command line that continues this run: the same overrides, then for a sweep ``skip_done=true`` and the same
     ``hydra.sweep.dir`` (finished jobs are skipped), for a single run the same ``hydra.run.dir`` and, for a search
     (``allocation=msp``), ``allocation.resume=true`` (the search continues from its last checkpoint)."""
-    kept = [a for a in overrides if not a.lstrip("+").startswith(_REPLACED)]
+    replaced = _REPLACED if not multirun or sweep_dir is not None else ("skip_done=",)  # unknown sweep dir: the user's stays
+    kept = [a for a in overrides if not a.lstrip("+").startswith(replaced)]
     if multirun:
-        extra = ["skip_done=true", f"hydra.sweep.dir={Path(sweep_dir).resolve()}"]
+        extra = ["skip_done=true"] + ([f"hydra.sweep.dir={Path(sweep_dir).resolve()}"] if sweep_dir is not None else [])
     else:
         extra = (["allocation.resume=true"] if search else []) + [f"hydra.run.dir={Path(run_dir).resolve()}"]
     return " ".join([f"cd {shlex.quote(str(Path(cwd).resolve()))} &&", _program(argv0), *map(shlex.quote, [*kept, *extra])])
+
+
+def sweep_resume_command(argv: Sequence[str], sweep_dir: str | Path | None) -> str | None:
+    """For a ``--multirun`` msp command line, the command that resumes the sweep (``sweep_dir``: the folder of the
+    interrupted job's sweep, when known); None for anything else."""
+    if not _is_msp_argv(argv) or not any(a in ("-m", "--multirun") for a in argv[1:]):
+        return None
+    return resume_command(argv[1:], argv0=argv[0], cwd=Path.cwd(), multirun=True, run_dir=Path.cwd(),
+                          sweep_dir=Path(sweep_dir) if sweep_dir is not None else None, search=False)
 
 
 def command_of_this_job(job_overrides: Sequence[str], *, multirun: bool, run_dir: Path, sweep_dir: Path | None,
@@ -191,4 +211,5 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-__all__ = ["RunInterrupted", "stop_on_signals", "RunStatus", "read_status", "resume_command", "command_of_this_job", "STATUS_FILE"]
+__all__ = ["RunInterrupted", "stop_on_signals", "RunStatus", "read_status", "resume_command", "sweep_resume_command",
+           "command_of_this_job", "STATUS_FILE"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from msp.interrupt import STATUS_FILE, RunInterrupted, resume_command, stop_on_signals
+from msp.interrupt import STATUS_FILE, RunInterrupted, resume_command, stop_on_signals, sweep_resume_command
 from msp.io import atomic_dir
 from msp.search.evolution import SearchState, history_path
 
@@ -202,6 +203,9 @@ def test_a_signal_inside_the_context_raises_run_interrupted_and_the_old_handler_
             time.sleep(5)  # the handler raises at the next instruction: this sleep is cut short
     assert caught.value.signal == "SIGTERM" and caught.value.exit_code == 143
     assert not isinstance(caught.value, Exception)  # no `except Exception` on the way swallows it
+    caught.value.stage, caught.value.resume = "prune", "msp ... allocation.resume=true"
+    back = pickle.loads(pickle.dumps(caught.value))  # from a launcher's worker process to the sweep's
+    assert (back.signal, back.stage, back.resume) == ("SIGTERM", "prune", "msp ... allocation.resume=true")
     assert signal.getsignal(signal.SIGTERM) is before
 
 
@@ -213,6 +217,10 @@ def test_the_resume_command_replaces_the_run_dir_and_the_resume_flags():
     sweep = resume_command(["--multirun", "seed=0,1", "skip_done=false", "hydra.sweep.dir=s"], argv0="msp", cwd=Path("/w"),
                            multirun=True, run_dir=Path("/r/s/1"), sweep_dir=Path("/r/s"), search=True)
     assert sweep.endswith("--multirun seed=0,1 skip_done=true hydra.sweep.dir=/r/s")
+    # the sweep's process, for a job interrupted in a launcher's worker: its sweep dir when known, else the user's
+    assert sweep_resume_command(["msp", "-m", "seed=0,1", "hydra.sweep.dir=s"], "/r/t").endswith("-m seed=0,1 skip_done=true hydra.sweep.dir=/r/t")
+    assert sweep_resume_command(["msp", "-m", "seed=0,1", "hydra.sweep.dir=s"], None).endswith("-m seed=0,1 hydra.sweep.dir=s skip_done=true")
+    assert sweep_resume_command(["msp", "seed=0"], "/r/t") is None  # not a sweep
 
 
 def test_an_atomic_folder_is_all_or_nothing(tmp_path):
