@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import torch
 
+from msp.io import fsync_dir
+
 log = logging.getLogger(__name__)
 
 #: bump the entry of a statistic when its computation changes; old entries then miss
@@ -87,6 +89,7 @@ class DiskCache:
                 f.flush()
                 os.fsync(f.fileno())  # the bytes are on disk before the name points at them (kill -9, power loss)
             os.replace(tmp, path)
+            fsync_dir(path.parent)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -1,6 +1,7 @@
 """``msp`` console script: compose the Hydra config (schemas: :mod:`msp.config`), check it once, run, print the summary."""
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -78,38 +79,63 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> float | None:
+    from msp.interrupt import stop_on_signals
+
+    with stop_on_signals():  # SIGINT / SIGTERM: RunInterrupted, handled in _run_job (status.json, the resume line)
+        return _run_job(cfg)
+
+
+def _run_job(cfg: DictConfig) -> float | None:
     from msp.distributed import is_writer, quiet_logging
+    from msp.interrupt import RunInterrupted, RunStatus, command_of_this_job
     from msp.results import summary_table
     from msp.run import run, validate_early
     from msp.tracking import make_tracker
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode.name == "MULTIRUN"
     quiet_logging()  # several ranks (torchrun, SLURM): rank 0 alone logs to the file and reports
     if cfg.skip_done:
         from msp.sweep import skip_if_done
 
         if skip_if_done(cfg, run_dir):
             return None
+    command, resume = command_of_this_job(list(hydra_cfg.overrides.task), multirun=multirun, run_dir=run_dir,
+                                          sweep_dir=Path(hydra_cfg.sweep.dir) if multirun else None,
+                                          search=OmegaConf.select(cfg, "allocation.method") == "msp")
+    status = RunStatus(run_dir, command, resume, write=is_writer())
+    status.running()
     tracker = None
     failed = True
     try:
-        spec = spec_from_config(cfg)
-        validate_early(spec)  # the one value check, before any weights are loaded
-        tracker = make_tracker(OmegaConf.to_container(cfg.logger, resolve=True) if is_writer() else None)
-        tracker.start(OmegaConf.to_container(cfg, resolve=True), run_dir, name=run_dir.name, group=spec.experiment,
-                      tags=[spec.model, spec.pruner.name, str(spec.pattern), str(spec.allocation.get("method")), f"s{spec.sparsity}"])
-        results = run(spec, run_dir, tracker)
-        failed = False
+        try:
+            spec = spec_from_config(cfg)
+            validate_early(spec)  # the one value check, before any weights are loaded
+            tracker = make_tracker(OmegaConf.to_container(cfg.logger, resolve=True) if is_writer() else None)
+            tracker.start(OmegaConf.to_container(cfg, resolve=True), run_dir, name=run_dir.name, group=spec.experiment,
+                          tags=[spec.model, spec.pruner.name, str(spec.pattern), str(spec.allocation.get("method")), f"s{spec.sparsity}"])
+            results = run(spec, run_dir, tracker, status=status)
+            failed = False
+        finally:
+            if tracker is not None:
+                tracker.finish(failed=failed)
+    except RunInterrupted as exc:
+        exc.sweep_dir = str(hydra_cfg.sweep.dir) if multirun else None
+        _interrupted(exc, status, run_dir)
+        raise
     except user_errors() as exc:  # msp's own errors are the user's to fix: one line; anything else is a bug: its traceback
+        status.failed(str(exc))
         log.error("%s", exc)
         print(f"msp: error: {exc}", file=sys.stderr)
         print(f"msp: no results written; run directory: {run_dir}", file=sys.stderr)
-        if HydraConfig.get().mode.name == "MULTIRUN":
+        if multirun:
             raise
         sys.exit(2)
-    finally:
-        if tracker is not None:
-            tracker.finish(failed=failed)
+    except BaseException as exc:
+        status.failed(f"{type(exc).__name__}: {exc}")
+        raise
+    status.done()
     if is_writer():
         print(summary_table(results))
         print(f"\nresults: {run_dir / 'results.json'}")
@@ -137,12 +163,57 @@ def check_output_dir(argv: list[str]) -> None:
         sys.exit(2)
 
 
-def main() -> None:
-    check_output_dir(sys.argv[1:])
-    from msp.distributed import quiet_other_ranks
+def _interrupted(exc, status, run_dir: Path) -> None:
+    """Mark the run interrupted (or done, when the signal came after results.json), say how to resume as the log's
+    last line, and attach that line to the exception for :func:`main` to print last."""
+    from msp.search.settings import STATE_FILE
 
+    results = run_dir / "results.json"
+    if results.exists() and results.stat().st_mtime >= status.started:  # only the summary files were left to write
+        status.done()
+        exc.resume = f"msp: interrupted by {exc.signal} after {results} was written: the run is complete"
+        log.warning("%s", exc.resume.removeprefix("msp: "))
+        return
+    facts, where = {}, f"during {exc.stage}" if exc.stage else "before its first stage"
+    state = run_dir / STATE_FILE
+    if state.exists():
+        try:
+            facts["search_generation"] = int(json.loads(state.read_text())["generation"])
+            where += f" (search checkpoint at generation {facts['search_generation']})"
+        except (OSError, ValueError, KeyError):
+            pass
+    status.interrupted(exc, **facts)
+    exc.resume = f"msp: interrupted by {exc.signal} {where}; no results written; resume with: {status.fields['resume']}"
+    log.warning("%s", exc.resume.removeprefix("msp: "))
+
+
+def main() -> None:
+    from msp.distributed import quiet_other_ranks
+    from msp.interrupt import RunInterrupted, stop_on_signals
+
+    check_output_dir(sys.argv[1:])
     quiet_other_ranks(sys.argv)  # ranks other than 0: no .hydra/ copies of the config
-    app()
+    stopped = None
+    with stop_on_signals():  # also between the jobs of a sweep and while Hydra composes
+        try:
+            app()
+        except RunInterrupted as exc:
+            stopped = exc.exit_code, _stop_line(exc)
+    if stopped is not None:  # out of the except block: the unwound frames (and their progress bars) are gone
+        code, line = stopped
+        print(line, file=sys.stderr, flush=True)
+        sys.exit(code)
+
+
+def _stop_line(exc) -> str:
+    """The process's last line: the run's resume line, or for a sweep the sweep's (a launcher's worker process only
+    knows its own job)."""
+    from msp.interrupt import sweep_resume_command
+
+    sweep = sweep_resume_command(sys.argv, exc.sweep_dir)
+    if sweep is None or (exc.resume or "").endswith(sweep):
+        return exc.resume or f"msp: interrupted by {exc.signal} before any run started; nothing to resume: run the same command again"
+    return f"msp: interrupted by {exc.signal}; the unfinished jobs have no results; resume with: {sweep}"
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from msp.device import is_gpu
-from msp.models import prunable_layers
 from msp.errors import MspError
+from msp.io import atomic_dir, write_text_atomic
+from msp.models import prunable_layers
 
 log = logging.getLogger(__name__)
 
@@ -380,21 +381,9 @@ def _recipe_comments(run: _RunFiles, granularity: str, prefix: str, means: list[
 
 def write_recipe(run_dir: str | Path, out: str | Path, pruner: str | None = None, granularity: str = "block") -> Path:
     """Write :func:`build_recipe`'s YAML to ``out`` atomically. Returns the path."""
-    import os
-    import tempfile
-
     text = build_recipe(run_dir, pruner, granularity).to_yaml()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(out, text)
     log.info("wrote llm-compressor recipe to %s", out)
     return out
 

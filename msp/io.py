@@ -1,4 +1,9 @@
-"""Atomic file writes: readers never see half a file, a crash never leaves one."""
+"""Atomic file writes: readers never see half a file, a crash (``kill -9``, power loss) never leaves one.
+
+Every writer goes temp file (or folder) beside the target → flush → ``fsync`` → ``os.replace`` → ``fsync`` of the
+folder, so the name points either at the old complete content or at the new complete content. A kill can leave a
+hidden temp (``.<name>.*``) beside the target, never a half-written file under the target's name.
+"""
 from __future__ import annotations
 
 import errno
@@ -18,35 +23,85 @@ class DiskFullError(MspError):
     """The disk filled up while msp wrote something; nothing half-written was left behind."""
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temp file in the same folder, then rename: readers never see half a file."""
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable; a no-op where folders cannot be opened (Windows) or synced."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a closed file's bytes to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temp file path beside ``path`` for the body to write (any writer: ``savefig``, ``torch.save``, ...); on
+    success it is fsynced and renamed onto ``path``, on any exception (a signal included) deleted."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=_json_default)
-            f.write("\n")
+        yield Path(tmp)
+        fsync_file(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to a temp file in the same folder, fsync, then rename: readers never see half a file."""
+    write_text_atomic(Path(path), json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
 @contextmanager
 def atomic_dir(path: Path, fix: str = "free space there") -> Iterator[Path]:
-    """A folder written whole or not at all: the caller writes into a hidden sibling, renamed to ``path`` when the
-    block ends; any failure removes the sibling (and leaves an existing ``path`` as it was). A full disk
-    (``ENOSPC``) becomes :class:`DiskFullError`, whose message ends with ``fix``."""
+    """A folder written whole or not at all: the body fills a hidden sibling (``save_pretrained`` and the like); on
+    success every file in it is fsynced and it takes ``path``'s place (an existing ``path`` is replaced whole), on
+    any exception it is deleted and ``path`` is left as it was. A full disk (``ENOSPC``) becomes
+    :class:`DiskFullError`, whose message ends with ``fix``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # plain mkdir, not mkdtemp: the umask's permissions, as for any other run output
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path)
+        for root, dirs, files in os.walk(tmp):
+            for name in files:
+                fsync_file(Path(root) / name)
+            for name in dirs:
+                fsync_dir(Path(root) / name)
+        fsync_dir(tmp)
+        old = None
+        if path.exists():  # rename the old one aside first: a kill between the renames leaves both complete
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:

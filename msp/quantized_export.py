@@ -47,8 +47,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from msp.pruners.sparsegpt import minmax_quant_params
 from msp.errors import MspError
+from msp.io import atomic_dir
+from msp.pruners.sparsegpt import minmax_quant_params
 
 log = logging.getLogger(__name__)
 
@@ -286,13 +287,13 @@ def save_pack_quantized(
     packed = {name: _pack_layer(name, linears[name].weight.detach(), grid, qconfig.config_groups["group_0"], bits, dtype)
               for name, grid in grids.items()}
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, state_dict=_export_state(model, packed, dtype), safe_serialization=True)
-    ModelCompressor(quantization_config=qconfig).update_config(str(folder))
     dequantize_on_load = (not symmetric) if dequantize_on_load is None else bool(dequantize_on_load)
-    _patch_config(folder, dequantize_on_load, dtype)
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(folder)
+    with atomic_dir(folder) as out:  # written beside, renamed into place: a kill leaves no half-written folder
+        model.save_pretrained(out, state_dict=_export_state(model, packed, dtype), safe_serialization=True)
+        ModelCompressor(quantization_config=qconfig).update_config(str(out))
+        _patch_config(out, dequantize_on_load, dtype)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(out)
     result = QuantizedExport(
         str(folder), bits, "group" if group_size else "channel", group_size, symmetric, len(qparams), ignore,
         safetensors_bytes(folder), max((c.max_offset for c in checks), default=0.0), dequantize_on_load,

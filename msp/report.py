@@ -27,14 +27,13 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from msp.errors import MspError
+from msp.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +128,9 @@ def load_run(run_dir: str | Path) -> RunFacts:
 
 
 def _atomic(path: Path, write) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then fsync and rename it onto ``path``."""
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,7 +25,8 @@ from msp.device import StageMeter, is_gpu, resolve_device, resolve_devices, reso
 from msp.distributed import is_writer
 from msp.errors import MspError
 from msp.eval.perplexity import perplexity
-from msp.io import write_json_atomic
+from msp.interrupt import RunStatus
+from msp.io import atomic_dir, write_json_atomic
 from msp.masks import Pattern
 from msp.models import EMBEDDED_GEMMA3, LoadedModel, load_model, prunable_layers, save_pruned_model
 from msp.prune import check_pattern_fits, prune_, weighted_sparsity
@@ -191,6 +192,18 @@ class Evaluator:
 
 
 @dataclass
+class StatusMeter(StageMeter):
+    """The stage meter that also names each stage in the run's ``status.json`` as it starts (:mod:`msp.interrupt`)."""
+
+    status: RunStatus | None = None
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        with self.status.stage(name) if self.status is not None else nullcontext(), super().stage(name):
+            yield
+
+
+@dataclass
 class RunData:
     calibration_ids: torch.Tensor  # (nsamples, seqlen) calibration windows
     heldout_tokens: torch.Tensor  # the calibration text's held-out tail (search fitness)
@@ -198,16 +211,17 @@ class RunData:
     bos: int | None = None  # the token every window starts with (model.bos_per_window), None: plain token stream
 
 
-def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
+def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None, status: RunStatus | None = None) -> dict:
     """Execute one run (checked beforehand by :func:`validate_early`) and write ``run_dir/results.json``
-    (atomically). Returns the results document (:meth:`msp.results.RunResults.to_json`)."""
+    (atomically). Returns the results document (:meth:`msp.results.RunResults.to_json`). ``status`` (the CLI's
+    ``status.json``) is told each stage as it starts."""
     tracker = tracker or Tracker()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     torch.manual_seed(spec.seed)
-    meter = StageMeter(device)
+    meter = StatusMeter(device, status=status)
     cache = DiskCache(spec.cache_dir, enabled=spec.use_cache)
     model_key = {"model": spec.model, "revision": spec.model_revision, "dtype": str(dtype)}
     if spec.bos_per_window:  # other windows: other cached statistics and dense perplexities (other keys unchanged)
@@ -375,7 +389,7 @@ def save_stage(spec: RunSpec, loaded: LoadedModel, run_dir: Path, meter: StageMe
     if not spec.save_model or not is_writer():
         return None
     with meter.stage("save_model"):
-        save_pruned_model(loaded, run_dir / "model")
+        save_pruned_model(loaded, run_dir / "model")  # written whole or not at all (msp.io.atomic_dir)
     return str(run_dir / "model")
 
 

@@ -66,6 +66,16 @@ def _drop_unset_survivors(tree: dict) -> None:
             del stage["survivors"]
 
 
+def _unset_resume(tree: dict) -> None:
+    """``allocation.resume`` / ``resume_from`` say how a search was continued, not what it computes (a resumed search
+    ends where the uninterrupted one does): hashed at their defaults, so a resumed run counts as the same run."""
+    alloc = tree.get("allocation")
+    if isinstance(alloc, dict):
+        for key, default in (("resume", False), ("resume_from", None)):
+            if key in alloc:
+                alloc[key] = default
+
+
 def config_hash(config: dict) -> str:
     """sha256 (first 16 hex digits) of the resolved config as canonical JSON, minus :data:`OUTPUT_ONLY_KEYS`."""
     tree = json.loads(json.dumps(config, default=str))
@@ -77,6 +87,7 @@ def config_hash(config: dict) -> str:
         tree["allocation"].setdefault("generations", generations)
     _drop_unused_zeroshot_options(tree)
     _drop_unset_survivors(tree)
+    _unset_resume(tree)
     for key, neutral in NEUTRAL_DEFAULTS.items():
         *parents, leaf = key.split(".")
         node: Any = tree

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from msp.allocation.base import AllocationError
 from msp.errors import MspError
-from msp.io import read_json, write_json_atomic
+from msp.io import fsync_dir, read_json, write_json_atomic, write_text_atomic
 from msp.numerics import NonFiniteError, location
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,8 @@ class SearchState:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        if new:
+            fsync_dir(hist.parent)  # the new file's name is on disk too
 
     @classmethod
     def load(cls, path: Path) -> "SearchState":
@@ -237,12 +239,8 @@ def _read_history(path: Path, generation: int) -> list[dict]:
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
-    """The whole history of checkpoint ``path`` as JSON lines (temp + rename)."""
-    hist = history_path(path)
-    hist.parent.mkdir(parents=True, exist_ok=True)
-    tmp = hist.with_name(hist.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
-    os.replace(tmp, hist)
+    """The whole history of checkpoint ``path`` as JSON lines (temp + fsync + rename)."""
+    write_text_atomic(history_path(path), "".join(json.dumps(r) + "\n" for r in history))
 
 
 @dataclass
