@@ -72,6 +72,7 @@ class RunSpec:
     max_seqlen: int | None = None  # model.max_seqlen: the context checked before loading (None: checked after loading)
     report: bool = True  # render summary.png / summary.md next to results.json (msp.report); a failure is a warning
     bos_per_window: bool = False  # model.bos_per_window: every window starts with the tokenizer's BOS token
+    model_blocks: str | None = None  # model.blocks: the decoder blocks' dotted path (None: found automatically)
 
 
 def prune_batch_size(spec: RunSpec) -> int:
@@ -107,7 +108,7 @@ def validate_early(spec: RunSpec) -> None:
     if max_seqlen is not None:
         data_mod.check_seqlen(int(d["seqlen"]), max_seqlen)
     if spec.pattern.is_nm:  # N:M must divide every layer: check on a weightless skeleton where the config is local
-        for name, lin in (skeleton_layers(spec.model) or {}).items():
+        for name, lin in (skeleton_layers(spec.model, spec.model_blocks) or {}).items():
             spec.pattern.check_divides(name, lin.in_features)
     if spec.allocation.get("method") == "atp":  # ATP's β grid over the model's blocks, where the config is local
         from msp.models import skeleton_model
@@ -159,7 +160,7 @@ def _check_devices_and_memory(spec: RunSpec) -> None:
     if spec.gpu_budget_gb is not None or is_gpu(device):
         from msp.models import skeleton_model
 
-        skeleton = skeleton_model(spec.model)
+        skeleton = skeleton_model(spec.model, spec.model_blocks)
         if skeleton is not None:
             d = spec.data
             plan_streaming(skeleton.to(dtype), device, spec.streaming, spec.gpu_budget_gb, batch_size=prune_batch_size(spec),
@@ -257,7 +258,8 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict:
 
 def load_stage(spec: RunSpec, device: torch.device, dtype: torch.dtype) -> tuple[LoadedModel, StreamingPlan]:
     """The model, checked against the data and the pattern, and the streaming plan (resident models moved now)."""
-    loaded = load_model(spec.model, dtype=dtype, seed=spec.seed, revision=spec.model_revision, loader=spec.model_loader)
+    loaded = load_model(spec.model, dtype=dtype, seed=spec.seed, revision=spec.model_revision, loader=spec.model_loader,
+                        blocks=spec.model_blocks)
     data_mod.check_seqlen(int(spec.data["seqlen"]), loaded.max_seqlen)
     check_pattern_fits(loaded.model, spec.pattern)
     check_allocation_on_model(loaded.model, dict(spec.allocation), spec.sparsity, spec.pattern)
