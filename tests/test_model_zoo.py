@@ -122,6 +122,36 @@ def test_every_pruner_allocation_and_pattern_keeps_the_budget(name, pruner, patt
         assert math.isfinite(perplexity(model, evals, CPU)), method
 
 
+EVERY_ALLOCATOR = {"owl": {"method": "owl"}, "rank": {"method": "rank"}, "hessian": {"method": "hessian"}, "alpha": {"method": "alpha"},
+                   "dlp": {"method": "dlp"}, "atp": {"method": "atp", "beta": 0.02}, "msp-block": {**SEARCH, "granularity": "block"}}
+
+
+@pytest.mark.parametrize("method", list(EVERY_ALLOCATOR))
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-phi3"])
+def test_every_allocator_keeps_the_budget_on_fused_and_conv1d_layers(name, method, zoo, tmp_path):
+    """The other allocators (per-block OWL/DLP Wanda scores, spectra, traces, the block-level search) on fused
+    qkv/gate_up projections and on GPT-2's linearized Conv1D layers."""
+    model = copy.deepcopy(zoo[name])
+    calib = _windows(4, 32, 10)
+    alloc = build_allocation(_ctx(model, WandaPruner(), 0.6, "unstructured", calib, tmp_path), dict(EVERY_ALLOCATOR[method])).allocation
+    params = {n: lin.weight.numel() for n, lin in prunable_layers(model).items()}
+    assert set(alloc.sparsities) == set(params)
+    assert alloc.weighted_mean(params) == pytest.approx(0.6, abs=1e-9)
+    assert len(set(alloc.sparsities.values())) > 1 or method == "msp-block"  # the search may well settle on uniform
+    reports = prune_(model, WandaPruner(), alloc, calib, CPU, "unstructured", batch_size=2)
+    assert abs(weighted_sparsity(reports) - 0.6) <= sum(l.weight.shape[0] * 0.5 for l in prunable_layers(model).values()) / sum(params.values())
+
+
+def test_gpt2_streamed_equals_resident(zoo):
+    from msp.streaming import plan_streaming
+
+    model = zoo["tiny-gpt2"]
+    plan = plan_streaming(model, CPU, "true", batch_size=2, seqlen=32, nsamples=2)
+    assert plan.stream
+    ids = _windows(4, 32, 11)
+    assert perplexity(model, ids, CPU, batch_size=2, plan=plan) == pytest.approx(perplexity(model, ids, CPU, batch_size=2), rel=1e-6)
+
+
 def _hf_gpt2(attn: str = "sdpa"):
     """tiny-gpt2 exactly as transformers builds it (Conv1D layers), seeded as msp's loader seeds it."""
     from transformers import AutoModelForCausalLM
