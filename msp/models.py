@@ -421,6 +421,15 @@ def linearize_conv1d_(model: nn.Module) -> int:
     return len(found)
 
 
+def check_quantized_export(model: nn.Module) -> None:
+    """``export.quantized`` writes compressed-tensors Linear layers, which a GPT-2 (Conv1D in transformers) cannot
+    load: refuse before any pruning, naming the exports that work."""
+    if any(isinstance(m, Conv1DLinear) for m in model.modules()):
+        raise ModelError(f"export.quantized=true cannot write {type(model).__name__}: its Conv1D layers are not nn.Linear in "
+                         "transformers, so compressed-tensors cannot load them; drop export.quantized=true (save_model=true "
+                         "and export.semi_structured=true work)")
+
+
 @contextmanager
 def conv1d_restored(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the context, every :class:`Conv1DLinear` of ``model`` is a Conv1D again (the Hugging Face layout,

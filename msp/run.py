@@ -145,6 +145,11 @@ def _check_export(spec: RunSpec) -> None:
                 f"whose grid it writes); got pruner={spec.pruner.name} pruner.bits={bits}. Add pruner=sparsegpt pruner.bits=4, or drop export.quantized=true"
             )
         check_available()  # compressed-tensors missing: one line now, not after the pruning
+        from msp.models import check_quantized_export, skeleton_model
+
+        skeleton = skeleton_model(spec.model, spec.model_blocks)
+        if skeleton is not None:
+            check_quantized_export(skeleton)  # GPT-2's Conv1D layers: compressed-tensors cannot load them
 
 
 def _check_devices_and_memory(spec: RunSpec) -> None:
@@ -263,6 +268,10 @@ def load_stage(spec: RunSpec, device: torch.device, dtype: torch.dtype) -> tuple
     data_mod.check_seqlen(int(spec.data["seqlen"]), loaded.max_seqlen)
     check_pattern_fits(loaded.model, spec.pattern)
     check_allocation_on_model(loaded.model, dict(spec.allocation), spec.sparsity, spec.pattern)
+    if (spec.export or {}).get("quantized"):
+        from msp.models import check_quantized_export
+
+        check_quantized_export(loaded.model)  # a hub GPT-2 had no skeleton to check before loading
     plan = plan_streaming(loaded.model, device, spec.streaming, spec.gpu_budget_gb, batch_size=prune_batch_size(spec),
                           seqlen=int(spec.data["seqlen"]), nsamples=int(spec.data["nsamples"]),
                           need_hessian=bool(getattr(spec.pruner, "needs_hessian", False)))

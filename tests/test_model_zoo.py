@@ -346,3 +346,19 @@ def test_cli_wrong_model_blocks_is_one_line_before_loading(tmp_path):
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "model.blocks='model.nope'" in errors[0] and "model.layers" in errors[0]
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_quantized_export_of_gpt2_is_refused_before_pruning():
+    """compressed-tensors replaces nn.Linear layers only: a quantized GPT-2 (Conv1D in transformers) could not load."""
+    from hydra import compose, initialize_config_dir
+
+    from msp.cli import CONF_DIR, spec_from_config
+    from msp.run import validate_early
+
+    overrides = ["pruner=sparsegpt", "pruner.bits=4", "export.quantized=true", "data=tiny", "device=cpu", "cache_dir=/tmp/x"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        gpt2 = spec_from_config(compose(config_name="config", overrides=["model=tiny-gpt2", *overrides]))
+        phi3 = spec_from_config(compose(config_name="config", overrides=["model=tiny-phi3", *overrides]))
+    with pytest.raises(ModelError, match=r"export.quantized=true cannot write GPT2LMHeadModel.*drop export.quantized=true"):
+        validate_early(gpt2)
+    validate_early(phi3)  # fused nn.Linear layers export as any other
