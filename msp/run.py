@@ -113,7 +113,7 @@ def validate_early(spec: RunSpec) -> None:
     if spec.allocation.get("method") == "atp":  # ATP's β grid over the model's blocks, where the config is local
         from msp.models import skeleton_model
 
-        skeleton = skeleton_model(spec.model)
+        skeleton = skeleton_model(spec.model, spec.model_blocks)
         if skeleton is not None:
             check_allocation_on_model(skeleton, dict(spec.allocation), spec.sparsity, spec.pattern)
     _check_devices_and_memory(spec)
