@@ -427,7 +427,7 @@ def check_quantized_export(model: nn.Module) -> None:
     if any(isinstance(m, Conv1DLinear) for m in model.modules()):
         raise ModelError(f"export.quantized=true cannot write {type(model).__name__}: its Conv1D layers are not nn.Linear in "
                          "transformers, so compressed-tensors cannot load them; drop export.quantized=true (save_model=true "
-                         "and export.semi_structured=true work)")
+                         "writes the pruned GPT-2 as transformers loads it)")
 
 
 @contextmanager

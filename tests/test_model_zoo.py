@@ -363,17 +363,3 @@ def test_quantized_export_of_gpt2_is_refused_before_pruning():
         validate_early(gpt2)
     validate_early(phi3)  # fused nn.Linear layers export as any other
 
-
-def test_gpt2_packed_24_export_round_trips(zoo, tmp_path):
-    from msp.export import load_24, save_24
-
-    model = copy.deepcopy(zoo["tiny-gpt2"])
-    calib = _windows(4, 32, 12)
-    alloc = build_allocation(_ctx(model, WandaPruner(), 0.5, "2:4", calib, tmp_path), {"method": "uniform"}).allocation
-    prune_(model, WandaPruner(), alloc, calib, CPU, "2:4", batch_size=2)
-    save_24(model, tmp_path / "packed")
-    loaded = load_24(tmp_path / "packed", CPU, semi_structured=False)
-    for n, lin in prunable_layers(model).items():
-        assert torch.equal(loaded.get_submodule(n).weight, lin.weight), n
-    ids = _windows(2, 16, 13)
-    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
