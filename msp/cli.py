@@ -55,7 +55,7 @@ def spec_from_config(cfg: DictConfig):
     container = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
     return RunSpec(
         model=cfg.model.name, model_revision=cfg.model.revision, model_loader=cfg.model.loader, max_seqlen=cfg.model.max_seqlen,
-        bos_per_window=bool(cfg.model.bos_per_window),
+        bos_per_window=bool(cfg.model.bos_per_window), model_blocks=cfg.model.blocks,
         pruner=pruner, pruner_config=container(cfg.pruner), sparsity=sparsity, pattern=pattern, allocation=container(cfg.allocation),
         data=container(cfg.data), eval=container(cfg.eval), seed=cfg.seed, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
         true_sequential=cfg.true_sequential, save_model=cfg.save_model, cache_dir=cfg.cache_dir or None, use_cache=cfg.use_cache,

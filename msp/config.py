@@ -35,12 +35,13 @@ class ModelConfig:
     """``model=``: what differs between models. ``loader``, ``max_seqlen`` and ``licence`` are facts about
     ``name`` (they do not change a run's numbers, so the config hash leaves them out)."""
 
-    name: str = MISSING  # smollm2-135m | tiny-llama | tiny-opt | a hub name | a local folder (model=hf model.name=...)
+    name: str = MISSING  # smollm2-135m | gemma3-270m | tiny-llama, tiny-gpt2, ... (msp.models.TINY_MODELS) | a hub name | a local folder
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
     loader: str = "hf"  # hf (transformers, hub or folder) | gguf (the embedded SmolLM2 GGUF) | tiny (random, seeded)
     max_seqlen: Optional[int] = None  # the model's context in tokens, checked before loading (null: read when loaded)
     licence: Optional[str] = None  # the weights' licence, for the record
     bos_per_window: bool = False  # every calibration, fitness and evaluation window starts with the BOS token (Gemma needs it)
+    blocks: Optional[str] = None  # dotted path of the decoder blocks' ModuleList (model.layers, transformer.h); null: found automatically
 
 
 @dataclass

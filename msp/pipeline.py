@@ -20,6 +20,7 @@ statistics and every block's outputs; NaN or inf stops the pass with the stage (
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -96,6 +97,18 @@ def _stored_kwargs(kwargs: dict, seen: dict[tuple, tuple[dict, dict]], store_dev
     return hit[1]
 
 
+def _positionals_by_name(block: nn.Module, args: tuple) -> dict:
+    """The positional arguments a block was given after its hidden states, by parameter name: GPT-2 passes its
+    cache and attention mask positionally, and the stored keyword arguments must carry the mask."""
+    if len(args) <= 1:
+        return {}
+    params = [p for p in inspect.signature(block.forward).parameters.values()
+              if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(params):
+        raise PipelineError(f"{type(block).__name__} was called with {len(args)} positional arguments but names only {len(params)}")
+    return {p.name: value for p, value in zip(params[1:], args[1:])}
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device, store_device: torch.device
@@ -107,6 +120,7 @@ def capture_block_inputs(
     states through, so no block runs; the last stand-in stops the forward before the final norm and lm_head.
     """
     _, blocks = find_blocks(model)
+    originals = list(blocks)  # the stand-ins take their places below; their signatures name the positional arguments
     move_non_block_modules(model, device)
     captured = BlockInputs(per_block=[[] for _ in blocks])
     seen: dict[tuple, tuple[dict, dict]] = {}
@@ -116,6 +130,7 @@ def capture_block_inputs(
             if i == 0:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 captured.hidden.append(hidden.detach().to(store_device))
+            kwargs = {**_positionals_by_name(originals[i], args), **kwargs}
             captured.per_block[i].append(_stored_kwargs(kwargs, seen, store_device))
             if i == len(blocks) - 1:
                 raise _StopForward

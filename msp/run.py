@@ -74,6 +74,7 @@ class RunSpec:
     max_seqlen: int | None = None  # model.max_seqlen: the context checked before loading (None: checked after loading)
     report: bool = True  # render summary.png / summary.md next to results.json (msp.report); a failure is a warning
     bos_per_window: bool = False  # model.bos_per_window: every window starts with the tokenizer's BOS token
+    model_blocks: str | None = None  # model.blocks: the decoder blocks' dotted path (None: found automatically)
 
 
 def prune_batch_size(spec: RunSpec) -> int:
@@ -109,12 +110,12 @@ def validate_early(spec: RunSpec) -> None:
     if max_seqlen is not None:
         data_mod.check_seqlen(int(d["seqlen"]), max_seqlen)
     if spec.pattern.is_nm:  # N:M must divide every layer: check on a weightless skeleton where the config is local
-        for name, lin in (skeleton_layers(spec.model) or {}).items():
+        for name, lin in (skeleton_layers(spec.model, spec.model_blocks) or {}).items():
             spec.pattern.check_divides(name, lin.in_features)
     if spec.allocation.get("method") == "atp":  # ATP's β grid over the model's blocks, where the config is local
         from msp.models import skeleton_model
 
-        skeleton = skeleton_model(spec.model)
+        skeleton = skeleton_model(spec.model, spec.model_blocks)
         if skeleton is not None:
             check_allocation_on_model(skeleton, dict(spec.allocation), spec.sparsity, spec.pattern)
     _check_devices_and_memory(spec)
@@ -146,6 +147,11 @@ def _check_export(spec: RunSpec) -> None:
                 f"whose grid it writes); got pruner={spec.pruner.name} pruner.bits={bits}. Add pruner=sparsegpt pruner.bits=4, or drop export.quantized=true"
             )
         check_available()  # compressed-tensors missing: one line now, not after the pruning
+        from msp.models import check_quantized_export, skeleton_model
+
+        skeleton = skeleton_model(spec.model, spec.model_blocks)
+        if skeleton is not None:
+            check_quantized_export(skeleton)  # GPT-2's Conv1D layers: compressed-tensors cannot load them
 
 
 def _check_devices_and_memory(spec: RunSpec) -> None:
@@ -161,7 +167,7 @@ def _check_devices_and_memory(spec: RunSpec) -> None:
     if spec.gpu_budget_gb is not None or is_gpu(device):
         from msp.models import skeleton_model
 
-        skeleton = skeleton_model(spec.model)
+        skeleton = skeleton_model(spec.model, spec.model_blocks)
         if skeleton is not None:
             d = spec.data
             plan_streaming(skeleton.to(dtype), device, spec.streaming, spec.gpu_budget_gb, batch_size=prune_batch_size(spec),
@@ -273,10 +279,15 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None, status: Ru
 
 def load_stage(spec: RunSpec, device: torch.device, dtype: torch.dtype) -> tuple[LoadedModel, StreamingPlan]:
     """The model, checked against the data and the pattern, and the streaming plan (resident models moved now)."""
-    loaded = load_model(spec.model, dtype=dtype, seed=spec.seed, revision=spec.model_revision, loader=spec.model_loader)
+    loaded = load_model(spec.model, dtype=dtype, seed=spec.seed, revision=spec.model_revision, loader=spec.model_loader,
+                        blocks=spec.model_blocks)
     data_mod.check_seqlen(int(spec.data["seqlen"]), loaded.max_seqlen)
     check_pattern_fits(loaded.model, spec.pattern)
     check_allocation_on_model(loaded.model, dict(spec.allocation), spec.sparsity, spec.pattern)
+    if (spec.export or {}).get("quantized"):
+        from msp.models import check_quantized_export
+
+        check_quantized_export(loaded.model)  # a hub GPT-2 had no skeleton to check before loading
     plan = plan_streaming(loaded.model, device, spec.streaming, spec.gpu_budget_gb, batch_size=prune_batch_size(spec),
                           seqlen=int(spec.data["seqlen"]), nsamples=int(spec.data["nsamples"]),
                           need_hessian=bool(getattr(spec.pruner, "needs_hessian", False)))
