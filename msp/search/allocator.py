@@ -354,7 +354,7 @@ def _model_fitness(ctx: AllocationContext, search: Search, candidate: CandidateM
     """The fitness on the held-out windows (the forward streamed block by block when the run's plan streams)."""
     st = search.settings
     return ModelFitness(ctx.model, candidate, search.windows, search.windows_per_stage, ctx.device, st.metric, st.fitness_batch_size,
-                        plan=ctx.plan)
+                        plan=ctx.plan, blockwise=st.fitness_blockwise, memory_gb=st.fitness_memory_gb)
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -389,6 +389,9 @@ class SearchReport:
     cpu_seconds: dict[str, float]
     variant_windows: int
     checkpoint: str | None
+    # what the fitness spent (msp.search.fitness.FitnessCost): tokens scored, decoder blocks run (block × window
+    # forwards, and what one full forward per evaluation runs), bytes moved to the device by kind, passes
+    fitness_cost: dict
 
     @classmethod
     def of(cls, search: Search, source: CandidateSource, result: SearchResult, seconds: tuple[float, float],
@@ -411,6 +414,7 @@ class SearchReport:
             cpu_seconds={"precompute": source.cpu, "init": start.cpu, "search": seconds[1]},
             variant_windows=source.variant_windows,
             checkpoint=str(search.evolution.checkpoint) if search.evolution.checkpoint else None,
+            fitness_cost={**source.fitness.cost.to_json(), "blockwise": source.fitness.blockwise, "stride": getattr(source.fitness, "stride", 1)},
         )
 
     def to_json(self) -> dict:
