@@ -10,7 +10,8 @@ of the model, resident and streamed (``streaming=true`` with a pretend-small ``g
   states (``ModelFitness.many``).
 
 Reported per candidate evaluation: the fitness cost as a multiple of a bare forward over the same tokens (the
-model's own forward with its logits, timed here on the fitness windows), the mean fraction and number of decoder
+model's own forward with its logits over the same windows, timed before the search and after every generation:
+:class:`BareForward`), the mean fraction and number of decoder
 blocks run, the bytes moved to the compute device (:class:`msp.search.fitness.FitnessCost`; on a CPU run counted
 as a GPU run would move them), and the variant source's bytes per prunable weight. The start population is the
 uniform allocation and mutated copies of it (the Fisher start is not a fitness cost). Both paths must give the same
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--generations", type=int, default=10)
     ap.add_argument("--nsamples", type=int, default=8, help="calibration windows of the variant pass (allocation.variant_nsamples)")
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--gpu-budget-gb", type=float, default=0.2, help="the streamed runs' pretend budget (below the model's size)")
+    ap.add_argument("--gpu-budget-gb", type=float, default=0.6, help="the streamed runs' pretend budget (GiB; streaming=true streams whatever it is)")
     ap.add_argument("--placements", default="resident,streamed")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1)
@@ -113,10 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
                 plan = plan_streaming(model, device, "true", args.gpu_budget_gb, batch_size=settings.fitness_batch_size,
                                       seqlen=settings.fitness_seqlen, nsamples=windows.shape[0])
                 model.to("cpu")
-            bare = bare_forward_seconds(model, windows, device, plan, settings.fitness_batch_size)
             for path in ("before", "after"):
                 results["runs"][f"{placement}/{path}"] = run_search(model, layers, variants, units, grid, settings, windows,
-                                                                     stage_windows, device, plan, path == "after", bare,
+                                                                     stage_windows, device, plan, path == "after",
                                                                      args.generations)
             if placement == "streamed":
                 model.to(device)
@@ -129,35 +129,65 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def bare_forward_seconds(model, windows, device, plan, batch_size: int, repeats: int = 3) -> dict:
-    """CPU and wall seconds per token of the model's own forward (logits included) over the fitness windows, in the
-    fitness's batches; streamed: the same blocks-one-at-a-time forward the per-genome fitness runs."""
-    from msp.pipeline import batch_logits
+class BareForward:
+    """The reference: the model's own forward (logits included) over a stage's fitness windows, in the fitness's
+    batches (streamed: the same blocks-one-at-a-time forward the per-genome fitness runs), timed in CPU and wall
+    seconds *during* each search — before it and after every generation, cycling through the stages' window counts —
+    so that it shares the machine's conditions with the fitness it is compared to."""
 
-    def forward():
+    def __init__(self, model, windows, stage_windows: list[int], device, plan, batch_size: int):
+        self.model, self.windows, self.device, self.plan, self.batch_size = model, windows, device, plan, batch_size
+        self.counts = sorted(set(stage_windows))
+        self.samples: dict[int, list[tuple[float, float]]] = {n: [] for n in self.counts}
+        self.spent = (0.0, 0.0)  # CPU and wall seconds of the reference forwards made inside the search
+
+    def forward(self, n: int) -> None:
+        from msp.pipeline import batch_logits
+
         with torch.inference_mode():
-            for _, logits in batch_logits(model, windows, device, plan=plan, batch_size=batch_size):
+            for _, logits in batch_logits(self.model, self.windows[:n], self.device, plan=self.plan, batch_size=self.batch_size):
                 logits.float()
 
-    forward()
-    cpu, wall = [], []
-    for _ in range(repeats):
-        synchronize(device)
+    def measure(self, n: int) -> tuple[float, float]:
+        synchronize(self.device)
         c0, w0 = time.process_time(), time.perf_counter()
-        forward()
-        synchronize(device)
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - w0)
-    return {"cpu_s_per_token": statistics.median(cpu) / windows.numel(), "wall_s_per_token": statistics.median(wall) / windows.numel()}
+        self.forward(n)
+        synchronize(self.device)
+        sample = (time.process_time() - c0, time.perf_counter() - w0)
+        self.samples[n].append(sample)
+        return sample
+
+    def on_generation(self, generation: int, *_) -> None:
+        c, w = self.measure(self.counts[generation % len(self.counts)])
+        self.spent = (self.spent[0] + c, self.spent[1] + w)
+
+    def seconds(self, n: int, kind: int) -> float:
+        return statistics.median(x[kind] for x in self.samples[n])
+
+    def total(self, evaluations: int, windows_scored: int, kind: int) -> float:
+        """Σ over evaluations of a bare forward over that evaluation's windows. Two stages: the evaluations per stage
+        follow from the windows scored (e₀ w₀ + e₁ w₁ = windows, e₀ + e₁ = evaluations); otherwise per window of the last."""
+        w = self.counts
+        if len(w) == 2:
+            e1 = (windows_scored - w[0] * evaluations) / (w[1] - w[0])
+            return (evaluations - e1) * self.seconds(w[0], kind) + e1 * self.seconds(w[1], kind)
+        return windows_scored * self.seconds(w[-1], kind) / w[-1]
+
+    def to_json(self) -> dict:
+        return {str(n): {"cpu_s": self.seconds(n, 0), "wall_s": self.seconds(n, 1), "samples": len(self.samples[n])} for n in self.counts}
 
 
-def run_search(model, layers, variants, units, grid, settings, windows, stage_windows, device, plan, blockwise: bool, bare: dict,
+def run_search(model, layers, variants, units, grid, settings, windows, stage_windows, device, plan, blockwise: bool,
                generations: int) -> dict:
     """One seeded search (uniform start + mutated copies), its fitness cost per evaluation."""
     candidate = CandidateModel(layers, variants, units, grid.sparsity)
     fitness = ModelFitness(model, candidate, windows, stage_windows, device, settings.metric, settings.fitness_batch_size, plan=plan,
                            blockwise=blockwise, memory_gb=settings.fitness_memory_gb)
-    evolution = Evolution(grid.space, replace(settings.config, generations=generations))
+    bare = BareForward(model, windows, stage_windows, device, plan, settings.fitness_batch_size)
+    bare.forward(bare.counts[-1])  # warm-up
+    for n in bare.counts:
+        bare.measure(n)
+    evolution = Evolution(grid.space, replace(settings.config, generations=generations), on_generation=bare.on_generation)
     uniform = snap(grid.real_levels([settings.target] * len(units)), grid.space)
     rng = np.random.default_rng(settings.config.seed + 1)
     start = [uniform] + [mutate(uniform, grid.space, rng, settings.init_swaps) for _ in range(settings.config.population - 1)]
@@ -168,21 +198,23 @@ def run_search(model, layers, variants, units, grid, settings, windows, stage_wi
     finally:
         candidate.restore()
     synchronize(device)
-    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    cpu, wall = time.process_time() - c0 - bare.spent[0], time.perf_counter() - w0 - bare.spent[1]  # the search without the reference forwards
     cost = fitness.cost.to_json()
     evals, tokens = cost["evaluations"], cost["tokens"]
+    scored = tokens // windows.shape[1]
     out = {
         "blockwise": blockwise, "streamed": plan is not None, "evaluations": evals, "tokens": tokens, "cpu_s": cpu, "wall_s": wall,
-        "cost_x_bare_forward": cpu / (tokens * bare["cpu_s_per_token"]),
-        "wall_cost_x_bare_forward": wall / (tokens * bare["wall_s_per_token"]),
+        "cpu_s_per_candidate": cpu / max(1, evals),
+        "cost_x_bare_forward": cpu / bare.total(evals, scored, 0),
+        "wall_cost_x_bare_forward": wall / bare.total(evals, scored, 1),
         "blocks_fraction": cost["blocks_fraction"],
         "blocks_per_candidate": cost["block_windows"] / max(1, evals),
         "blocks_per_candidate_full": cost["block_windows_full"] / max(1, evals),
         "bytes_to_device_per_candidate": cost["bytes_to_device_total"] / max(1, evals),
         "bytes_to_device_per_candidate_by_kind": {k: v / max(1, evals) for k, v in cost["bytes_to_device"].items()},
-        "passes": cost["passes"], "stride": getattr(fitness, "stride", 1), "layer_swaps": candidate.swaps,
+        "passes": cost["passes"], "stride": fitness.stride, "layer_swaps": candidate.swaps,
         "best_fitness": result.best_fitness, "best_genome": result.best.tolist(), "generations": result.generations,
-        "bare_forward": bare,
+        "bare_forward": bare.to_json(),
     }
     log.info("%s %s: %.2f x bare forward (CPU), %.2f (wall); blocks %.0f%%; %.1f MiB to the device per candidate; best %.6f",
              "streamed" if plan is not None else "resident", "after" if blockwise else "before", out["cost_x_bare_forward"],
@@ -200,19 +232,25 @@ def markdown(r: dict) -> str:
         f"(windows of {r['fitness_seqlen']}), {r['generations']} generations, pruner {r['pruner']} ({r['candidates']} variants). "
         f"Streamed: `streaming=true`, the blocks visit the device one at a time. Machine: {r['note'] or 'not noted'}.",
         "",
-        "| placement | fitness | evaluations | × bare forward (CPU s) | × bare forward (wall) | blocks run per candidate | fraction | MiB to the device per candidate | passes | best fitness |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| placement | fitness | evaluations | CPU s per candidate | × bare forward (CPU s) | × bare forward (wall) | blocks run per candidate | fraction | MiB to the device per candidate | passes | best fitness |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, x in r["runs"].items():
         placement, path = name.split("/")
         label = "before: one forward each" if path == "before" else "after: block by block, cached prefixes"
         by_kind = ", ".join(f"{k} {v / mib:.1f}" for k, v in x["bytes_to_device_per_candidate_by_kind"].items() if v)
         lines.append(
-            f"| {placement} | {label} | {x['evaluations']} | **{x['cost_x_bare_forward']:.2f}** | {x['wall_cost_x_bare_forward']:.2f} | "
+            f"| {placement} | {label} | {x['evaluations']} | {x['cpu_s_per_candidate']:.3f} | **{x['cost_x_bare_forward']:.2f}** | {x['wall_cost_x_bare_forward']:.2f} | "
             f"{x['blocks_per_candidate']:.1f} of {x['blocks_per_candidate_full']:.1f} | {x['blocks_fraction']:.2f} | "
             f"{x['bytes_to_device_per_candidate'] / mib:.1f} ({by_kind}) | {x['passes']} | {x['best_fitness']:.6f} |"
         )
     v = r["variant_bytes_per_weight"]
+    lines.append("")
+    for placement in dict.fromkeys(k.split("/")[0] for k in r["runs"]):
+        b, a = r["runs"].get(f"{placement}/before"), r["runs"].get(f"{placement}/after")
+        if a and b:
+            lines.append(f"{placement}: after / before = {a['cpu_s'] / b['cpu_s']:.2f} of the CPU time, "
+                         f"{a['bytes_to_device_per_candidate'] / b['bytes_to_device_per_candidate']:.2f} of the bytes to the device; same best genome.")
     lines += [
         "",
         "Variant source, bytes per prunable weight: " + ", ".join(f"{k} {x:.3f}" for k, x in v.items()) +

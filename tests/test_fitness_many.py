@@ -67,6 +67,11 @@ def test_many_equals_the_per_genome_forward(pruner, granularity, streamed):
             alone = [fitness(g, stage) for g in genomes]
             assert together == pytest.approx(alone, rel=1e-5, abs=0)
             assert len(set(alone)) > 1  # the candidates really differ
+        fitness.many(genomes[::-1], 1)  # leaves each unit at some level, set block by block (level steps for rankings)
+        for u, level in enumerate(candidate.current):
+            for name in candidate.unit_layers[u]:
+                want = candidate.variants.weight(name, LEVELS[int(level)])
+                assert torch.equal(candidate.layers[name].weight.data, want)
     finally:
         candidate.restore()
 
@@ -129,3 +134,44 @@ def test_the_search_with_many_gives_the_per_genome_history():
     assert [h["best"] for h in hist_a] == pytest.approx([h["best"] for h in hist_b], rel=1e-5, abs=0)
     assert cost_a.evaluations == cost_b.evaluations and cost_a.tokens == cost_b.tokens
     assert cost_a.block_windows < cost_b.block_windows == cost_b.block_windows_full
+
+
+def test_results_json_reports_the_search_cost(tmp_path):
+    """results.json["search"]["fitness_cost"]: tokens scored, decoder blocks run, bytes moved to the device."""
+    import json
+
+    from conftest import run_tiny_msp
+
+    run = run_tiny_msp(tmp_path / "run", "allocation=msp", "sparsity=0.6", "allocation.generations=2", "streaming=true", "eval=none")
+    search = json.loads((run / "results.json").read_text())["search"]
+    cost = search["fitness_cost"]
+    assert cost["blockwise"] is True and cost["evaluations"] == search["evaluations"] > 0
+    low, high = min(search["stage_tokens"]), max(search["stage_tokens"])
+    assert cost["evaluations"] * low < cost["tokens"] <= cost["evaluations"] * high
+    assert 0 < cost["block_windows"] < cost["block_windows_full"]  # children reuse their parents' prefixes
+    assert cost["bytes_to_device"]["weights"] > 0  # streamed: the blocks visited the device
+    assert cost["bytes_to_device_total"] == sum(cost["bytes_to_device"].values())
+
+
+def test_search_speed_benchmark_reports_consistent_figures(tmp_path):
+    """bench/search_speed.py end to end on tiny-llama: both paths find the same genome; the per-genome path runs
+    every block, the blockwise one fewer and moves fewer bytes (timings are not asserted)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "search_speed.py"
+    spec = importlib.util.spec_from_file_location("search_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--model", "tiny-llama", "--generations", "2", "--out", str(tmp_path), "--threads", "0"])
+    r = json.loads((tmp_path / "search_speed_tiny-llama_cpu.json").read_text())
+    assert sorted(r["runs"]) == ["resident/after", "resident/before", "streamed/after", "streamed/before"]
+    for placement in ("resident", "streamed"):
+        before, after = r["runs"][f"{placement}/before"], r["runs"][f"{placement}/after"]
+        assert before["best_genome"] == after["best_genome"] and before["evaluations"] == after["evaluations"]
+        assert before["blocks_fraction"] == 1.0 > after["blocks_fraction"] > 0
+        assert after["bytes_to_device_per_candidate"] < before["bytes_to_device_per_candidate"]
+    assert r["runs"]["streamed/after"]["bytes_to_device_per_candidate_by_kind"]["weights"] > 0
+    assert r["variant_bytes_per_weight"]["dense"] == 4.0  # float32 tiny-llama
+    assert "| resident | before" in (tmp_path / "search_speed_tiny-llama_cpu.md").read_text()

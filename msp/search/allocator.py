@@ -414,7 +414,7 @@ class SearchReport:
             cpu_seconds={"precompute": source.cpu, "init": start.cpu, "search": seconds[1]},
             variant_windows=source.variant_windows,
             checkpoint=str(search.evolution.checkpoint) if search.evolution.checkpoint else None,
-            fitness_cost={**source.fitness.cost.to_json(), "blockwise": source.fitness.blockwise, "stride": getattr(source.fitness, "stride", 1)},
+            fitness_cost={**source.fitness.cost.to_json(), "blockwise": source.fitness.blockwise, "stride": source.fitness.stride},
         )
 
     def to_json(self) -> dict:

@@ -125,6 +125,11 @@ class DeviceSource:
         self.moved += w.numel() * w.element_size()
         return w.to(self.device)
 
+    def write(self, name: str, sparsity: float, out: torch.Tensor, current: float | None = None) -> None:
+        """``out`` (the layer's weight on the device) := the layer's weight at ``sparsity``; ``current``: the sparsity
+        whose weight ``out`` holds now (0: the dense weight; None: unknown)."""
+        out.copy_(self.weight(name, sparsity))
+
 
 class RankingVariants(LayerVariants):
     """Each layer's dense weight and its score ranking (:func:`ranking_of`): any level's mask is one comparison."""
@@ -133,19 +138,30 @@ class RankingVariants(LayerVariants):
         super().__init__(dense)
         self.ranks = ranks
         self.pattern = pattern
+        self.orders: dict[str, torch.Tensor] = {}  # built by order() (the blockwise fitness's level steps)
 
     def weight(self, name: str, sparsity: float) -> torch.Tensor:
         mask = mask_from_ranking(self.ranks[name], sparsity, self.pattern)
         return torch.where(mask, self.dense[name], torch.zeros((), dtype=self.dense[name].dtype))
 
     def nbytes(self) -> int:
-        return super().nbytes() + sum(t.numel() * t.element_size() for t in self.ranks.values())
+        return super().nbytes() + sum(t.numel() * t.element_size() for t in [*self.ranks.values(), *self.orders.values()])
 
     def close(self) -> None:
         self.ranks.clear()
+        self.orders.clear()
 
     def on_device(self, device: torch.device) -> "DeviceSource":
         return _RankingSource(self, device)
+
+    def order(self, name: str) -> torch.Tensor:
+        """Row i's columns in the stable ascending score order (the inverse of :func:`ranking_of`'s positions; built on
+        first use and kept: as many bytes as the ranking): the weights a level step changes are a slice of it."""
+        if name not in self.orders:
+            rank = self.ranks[name]
+            cols = torch.arange(rank.shape[1], dtype=rank.dtype).expand_as(rank)
+            self.orders[name] = torch.empty_like(rank).scatter_(1, rank.long(), cols)
+        return self.orders[name]
 
 
 class _RankingSource(DeviceSource):
@@ -156,15 +172,46 @@ class _RankingSource(DeviceSource):
         super().__init__(variants, device)
         self._layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _build(self, name: str, sparsity: float) -> torch.Tensor:
-        v = self.variants
+    def _layer(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self._layers:
-            dense, rank = v.dense[name], v.ranks[name]
+            dense, rank = self.variants.dense[name], self.variants.ranks[name]
             self.moved += dense.numel() * dense.element_size() + rank.numel() * rank.element_size()
             self._layers[name] = (dense.to(self.device), rank.to(self.device))
-        dense, rank = self._layers[name]
-        mask = mask_from_ranking(rank, sparsity, v.pattern)
+        return self._layers[name]
+
+    def _build(self, name: str, sparsity: float) -> torch.Tensor:
+        dense, rank = self._layer(name)
+        mask = mask_from_ranking(rank, sparsity, self.variants.pattern)
         return torch.where(mask, dense, torch.zeros((), dtype=dense.dtype, device=dense.device))
+
+    def write(self, name: str, sparsity: float, out: torch.Tensor, current: float | None = None) -> None:
+        """Unstructured, from a known ``current`` level: only the weights whose rank lies between the two levels'
+        prune counts change (one level step: a few percent of each row), found as a slice of the row's sorted order
+        (:meth:`RankingVariants.order`) and scattered into ``out``; otherwise one comparison and one select into
+        ``out``. Both leave ``where(rank >= k, dense, 0)``, bit for bit."""
+        v = self.variants
+        if current is not None and not v.pattern.is_nm:
+            cols = out.shape[1]
+            old, new = prune_count(cols, current), prune_count(cols, sparsity)
+            if old != new:
+                dense, order = self._sorted(name)
+                index = order[:, min(old, new) : max(old, new)].long()
+                if new > old:
+                    out.scatter_(1, index, torch.zeros((), dtype=out.dtype, device=out.device).expand(index.shape))
+                else:
+                    out.scatter_(1, index, dense.gather(1, index))
+            return
+        dense, rank = self._layer(name)
+        torch.where(mask_from_ranking(rank, sparsity, v.pattern), dense,
+                    torch.zeros((), dtype=dense.dtype, device=dense.device), out=out)
+
+    def _sorted(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        key = "sorted:" + name
+        if key not in self._layers:
+            dense, order = self.variants.dense[name], self.variants.order(name)
+            self.moved += dense.numel() * dense.element_size() + order.numel() * order.element_size()
+            self._layers[key] = (dense.to(self.device), order.to(self.device))
+        return self._layers[key]
 
 
 def level_key(sparsity: float) -> str:
@@ -434,8 +481,9 @@ class CandidateModel:
             if self.current[u] == level:
                 continue
             s = self.sparsity_of(u, level)
+            now = 0.0 if self.current[u] == DENSE else self.sparsity_of(u, int(self.current[u]))  # DENSE: all kept
             for name in self.unit_layers[u]:
-                self.layers[name].weight.data.copy_(source.weight(name, s))
+                source.write(name, s, self.layers[name].weight.data, now)
                 self.swaps += 1
             self.current[u] = level
 
@@ -609,6 +657,8 @@ class ModelFitness:
         """The block of every unit, the units before every block boundary, the byte counts and the caches."""
         prefix, self.blocks = find_blocks(self.model)
         self.n_blocks = len(self.blocks)
+        self._captured = None  # BlockInputs of every fitness window, one window per "batch" (captured on first use)
+        self.stride = 1  # keep the hidden states at every stride-th block boundary (raised when over the budget)
         self._block_bytes = [sum(_nbytes(t) for t in list(b.parameters()) + list(b.buffers())) for b in self.blocks]
         unit_block = []
         for names in self.candidate.unit_layers:
@@ -624,23 +674,17 @@ class ModelFitness:
         self._before = [np.flatnonzero(ub < b) for b in range(self.n_blocks + 1)]
         self.memory_bytes = float(memory_gb) * 1e9
         self._store = self.plan.store if is_streamed(self.plan) else self.device
-        self._captured = None  # BlockInputs of every fitness window, one window per "batch" (captured on first use)
         self._tuple_out: bool | None = None
         self._hidden: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (window, boundary, prefix key) → hidden states
         self._hidden_bytes = 0
         self._rows: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (window, genome key) → KL per token (1, seqlen)
-        self.stride = 1  # keep the hidden states at every stride-th block boundary (raised when over the budget)
 
     def _window_state_bytes(self) -> int:
         """Bytes of one window's hidden states at one block boundary: seqlen × hidden × element size."""
-        hidden = int(getattr(getattr(self.model, "config", None), "hidden_size", 0) or 0)
-        if self._captured_or_none() is not None:
+        if self._captured is not None:
             return _nbytes(self._captured.hidden[0])
-        element = next(self.model.parameters()).element_size()
-        return self.windows.shape[1] * hidden * element
-
-    def _captured_or_none(self):
-        return getattr(self, "_captured", None)
+        hidden = int(getattr(getattr(self.model, "config", None), "hidden_size", 0) or 0)
+        return self.windows.shape[1] * hidden * next(self.model.parameters()).element_size()
 
     def _reference_bytes(self, window: int) -> int:
         if self.metric != "kl":
@@ -760,7 +804,7 @@ class ModelFitness:
                 if is_streamed(self.plan):
                     cost.bytes_to_device["weights"] += self._block_bytes[b]
                 source = self.candidate.variants.on_device(self.device)
-                for levels in sorted(work):
+                for levels in sorted(work, key=lambda lv: (not self._in_place(b, lv), lv)):  # the levels in place first
                     self.candidate.set_units(self._units_in[b], levels, source)
                     for out_key, in_key in work[levels].items():
                         out[out_key] = self._block_forward(block, b, out_key[0], live[in_key])
@@ -772,6 +816,10 @@ class ModelFitness:
             live = out
         live.update(finished)
         return live
+
+    def _in_place(self, b: int, levels: tuple) -> bool:
+        current = self.candidate.current
+        return current is not None and tuple(int(x) for x in current[self._units_in[b]]) == levels
 
     def _block_forward(self, block: nn.Module, b: int, window: int, hidden: torch.Tensor) -> torch.Tensor:
         """Block ``b``'s output for one window's hidden states (the same call as :func:`msp.pipeline.block_forward`)."""
@@ -805,7 +853,8 @@ class ModelFitness:
                 ids = self.windows[w : w + 1].to(self.device)
                 for key in genome_keys:
                     logits = logits_fn(ids, live[(w, key)].to(self.device)).float()
-                    row = plogp - (p * F.log_softmax(logits, dim=-1)).sum(dim=-1)
+                    logq = F.log_softmax(logits, dim=-1)
+                    row = plogp - logq.mul_(p).sum(dim=-1)  # = plogp − (p · log q).sum(−1) of _kl, without a third vocab-sized tensor
                     rows[(w, key)] = row
                     self._keep_row((w, key), row, cache_budget / 16)
                     del logits
