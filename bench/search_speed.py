@@ -94,8 +94,6 @@ def main(argv: list[str] | None = None) -> dict:
     variants = precompute_variants(model, layers, pruner, Pattern.parse("unstructured"), calibration, device, mode=mode, levels=levels,
                                    max_levels=settings.max_levels, batch_size=4)
     weights = sum(unit_params)
-    held = variants.store_bytes() if isinstance(variants, StoredVariants) else variants.nbytes() - sum(
-        t.numel() * t.element_size() for t in variants.dense.values())
     results: dict = {
         "model": args.model, "device": str(device), "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
@@ -103,8 +101,6 @@ def main(argv: list[str] | None = None) -> dict:
         "levels_per_unit": grid.most_levels(), "step": step, "generations": args.generations,
         "population": settings.config.population, "offspring": settings.config.offspring, "stage_tokens": settings.tokens,
         "fitness_seqlen": settings.fitness_seqlen, "prunable_weights": weights,
-        "variant_bytes_per_weight": {"dense": sum(t.numel() * t.element_size() for t in variants.dense.values()) / weights,
-                                     "levels" if mode == "store" else "ranking": held / weights},
         "runs": {},
     }
     try:
@@ -123,10 +119,20 @@ def main(argv: list[str] | None = None) -> dict:
             same = results["runs"][f"{placement}/before"], results["runs"][f"{placement}/after"]
             if same[0]["best_genome"] != same[1]["best_genome"] or abs(same[0]["best_fitness"] - same[1]["best_fitness"]) > 1e-5 * abs(same[0]["best_fitness"]):
                 raise SystemExit(f"{placement}: before and after differ: {same[0]['best_fitness']} vs {same[1]['best_fitness']}")
+        results["variant_bytes_per_weight"] = variant_bytes_per_weight(variants, weights)
     finally:
         variants.close()
     write(results, Path(args.out))
     return results
+
+
+def variant_bytes_per_weight(variants, weights: int) -> dict:
+    """The variant source per prunable weight: the dense copy, and the levels (store) or the ranking plus the sorted
+    order the blockwise fitness's level steps use (ranking)."""
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts) / weights  # noqa: E731
+    if isinstance(variants, StoredVariants):
+        return {"dense": nbytes(variants.dense.values()), "levels": variants.store_bytes() / weights}
+    return {"dense": nbytes(variants.dense.values()), "ranking": nbytes(variants.ranks.values()), "order": nbytes(variants.orders.values())}
 
 
 class BareForward:
