@@ -378,7 +378,7 @@ def _model_fitness(ctx: AllocationContext, search: Search, candidate: CandidateM
     """The fitness on the held-out windows (the forward streamed block by block when the run's plan streams)."""
     st = search.settings
     fitness = ModelFitness(ctx.model, candidate, search.windows, search.windows_per_stage, ctx.device, st.metric, st.fitness_batch_size,
-                           plan=ctx.plan)
+                           plan=ctx.plan, blockwise=st.fitness_blockwise, memory_gb=st.fitness_memory_gb)
     # a NaN dense reference would make every candidate's KL NaN: stop here, before the search, with the stage named
     check_all_finite([(None, "the dense reference Σ p log p", t) for t in getattr(fitness, "dense_plogp", ())],
                      stage="search: dense reference", hint=weights_hint(ctx.model))
@@ -417,6 +417,9 @@ class SearchReport:
     cpu_seconds: dict[str, float]
     variant_windows: int
     checkpoint: str | None
+    # what the fitness spent (msp.search.fitness.FitnessCost): tokens scored, decoder blocks run (block × window
+    # forwards, and what one full forward per evaluation runs), bytes moved to the device by kind, passes
+    fitness_cost: dict
     ranks: int = 1  # processes that scored the candidates together (msp.distributed)
 
     @classmethod
@@ -441,6 +444,7 @@ class SearchReport:
             cpu_seconds={"precompute": source.cpu, "init": start.cpu, "search": seconds[1]},
             variant_windows=source.variant_windows,
             checkpoint=str(search.evolution.checkpoint) if search.evolution.checkpoint else None, ranks=ranks,
+            fitness_cost={**source.fitness.cost.to_json(), "blockwise": source.fitness.blockwise, "stride": source.fitness.stride},
         )
 
     def to_json(self) -> dict:

@@ -80,6 +80,8 @@ class SearchConfig:
     fitness: str = "kl"  # kl | ppl
     fitness_seqlen: int = 256
     fitness_batch_size: int = 4
+    fitness_blockwise: bool = True  # a stage's candidates scored together block by block, from cached prefixes (false: one forward each)
+    fitness_memory_gb: float = 2.0  # bound of the blockwise fitness's hidden states (live and cached), GB
     candidates: str = "auto"  # auto | ranking | store
     store: str = "memory"  # memory | disk
     store_dtype: str = "float16"
@@ -131,6 +133,8 @@ class Settings:
     survivors: list[int]  # after each stage but the last
     fitness_seqlen: int
     fitness_batch_size: int
+    fitness_blockwise: bool
+    fitness_memory_gb: float
     max_levels: int
     store_budget_gb: float | None
     init_swaps: int
@@ -176,6 +180,8 @@ def validate(config: SearchConfig, target: float, pattern: Pattern, seed: int = 
         raise AllocationError(f"allocation.store_budget_gb={c.store_budget_gb:g} must be > 0 (GB of packed variants), e.g. allocation.store_budget_gb=8, or null")
     if not c.dist_timeout_s > 0:
         raise AllocationError(f"allocation.dist_timeout_s={c.dist_timeout_s:g} must be > 0 (seconds a rank waits for the others), e.g. allocation.dist_timeout_s=300")
+    if not c.fitness_memory_gb > 0:
+        raise AllocationError(f"allocation.fitness_memory_gb={c.fitness_memory_gb:g} must be > 0 (GB of hidden states), e.g. allocation.fitness_memory_gb=2")
     if not 0 < c.step < 1:
         raise AllocationError(f"allocation.step={c.step} must be in (0, 1), e.g. allocation.step=0.025")
     bounds = _bounds(c, target)
@@ -188,7 +194,8 @@ def validate(config: SearchConfig, target: float, pattern: Pattern, seed: int = 
     return Settings(
         target=target, granularity=c.granularity, init=c.init, init_options=dict(c.init_options), extra=list(c.extra),
         metric=c.fitness, step=c.step, bounds=bounds, tokens=tokens, survivors=survivors, fitness_seqlen=c.fitness_seqlen,
-        fitness_batch_size=c.fitness_batch_size, max_levels=c.max_levels, store_budget_gb=c.store_budget_gb, init_swaps=c.init_swaps, candidates=c.candidates,
+        fitness_batch_size=c.fitness_batch_size, fitness_blockwise=c.fitness_blockwise, fitness_memory_gb=c.fitness_memory_gb,
+        max_levels=c.max_levels, store_budget_gb=c.store_budget_gb, init_swaps=c.init_swaps, candidates=c.candidates,
         store=c.store, store_dtype=c.store_dtype, variant_nsamples=c.variant_nsamples, config=evolution, resume=c.resume,
         resume_from=c.resume_from, dist_timeout_s=c.dist_timeout_s,
     )
