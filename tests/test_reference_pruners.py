@@ -86,6 +86,20 @@ def test_sparsegpt_equals_the_textbook(seed, blocksize, pattern, sparsity, n, m)
     _sparsegpt_vs_reference(seed, blocksize, (), pattern, sparsity, n, m)
 
 
+@pytest.mark.parametrize("pattern,sparsity,n,m", [("unstructured", 0.7, 0, 0), ("4:8", 0.5, 4, 8), ("1:4", 0.75, 1, 4)],
+                         ids=["70%", "4:8", "1:4"])
+def test_sparsegpt_equals_the_textbook_beyond_half(pattern, sparsity, n, m):
+    """Issue 10 §4's other protocol points: 70% (40 rows x 64-column blocks: 0.7·numel is whole in every block, so the
+    paper's per-block count and msp's cumulative exact count agree) and N:M with N ≠ M − N (msp's N counts kept
+    weights), over 4 column blocks of 64."""
+    w, x = layer(3, rows=40)
+    got = SparseGPTPruner(blocksize=64).prune_weight(w, msp_stats(x, need_hessian=True), sparsity, Pattern.parse(pattern))
+    ref = sparsegpt_reference(w, x, sparsity, n, m, blocksize=64)
+    assert int((got == 0).sum()) == int((ref == 0).sum()) == int(round(sparsity * w.numel()))
+    assert torch.equal(got != 0, ref != 0), f"masks differ in {int(((got != 0) != (ref != 0)).sum())} weights"
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
 DEAD_INPUTS_DIFFER = (
     "msp's H is ΣXᵀX (msp/pruners/stats.py), not the paper's 2XᵀX/n, and msp/pruners/sparsegpt.py:"
     "inverse_hessian_cholesky sets a dead input's H_jj to 1 on that unnormalised scale: the dead diagonal then weighs "

@@ -26,15 +26,20 @@ def wanda_reference(w: torch.Tensor, x: torch.Tensor, sparsity: float, n: int = 
 
 
 def sparsegpt_reference(w, x, sparsity, n=0, m=0, blocksize=128, percdamp=0.01) -> torch.Tensor:
-    """H = 2XᵀX/n; dead inputs (H_jj = 0) get H_jj = 1 and W_:,j = 0; H += λI, λ = percdamp·mean(diag H);
-    U = upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU). Columns in blocks of B: at each block start (unstructured) the block's
-    mask removes the p% smallest w²/U_jj² of the whole block (all rows together); for N:M, at every M-th column, the
-    M−N smallest of each row's next M. Each column's pruning error E_:,j = (1−M_:,j)·W_:,j/U_jj is spread over the
-    block's remaining columns (OBS update), and after the block over every later column at once (lazy batch update).
-    w: (out, in), x: (tokens, in)."""
-    W, X = w.double().clone(), x.double()
+    """H = 2XᵀX/n (n = tokens), then :func:`sparsegpt_reference_hessian`. w: (out, in), x: (tokens, in)."""
+    X = x.double()
+    return sparsegpt_reference_hessian(w, 2.0 * X.T @ X / X.shape[0], sparsity, n, m, blocksize, percdamp)
+
+
+def sparsegpt_reference_hessian(w, hessian, sparsity, n=0, m=0, blocksize=128, percdamp=0.01) -> torch.Tensor:
+    """Algorithm 1 on a given H (in, in), float64: dead inputs (H_jj = 0) get H_jj = 1 and W_:,j = 0; H += λI,
+    λ = percdamp·mean(diag H); U = upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU). Columns in blocks of B: at each block
+    start (unstructured) the block's mask removes the round(p·numel) smallest w²/U_jj² of the whole block (all rows
+    together); for N:M (n = kept, m = group), at every M-th column, the M−N smallest of each row's next M. Each column's
+    pruning error E_:,j = (1−M_:,j)·W_:,j/U_jj is spread over the block's remaining columns (OBS update), and after the
+    block over every later column at once (lazy batch update)."""
+    W, H = w.double().clone(), hessian.double().clone()
     rows, cols = W.shape
-    H = 2.0 * X.T @ X / X.shape[0]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -51,10 +56,10 @@ def sparsegpt_reference(w, x, sparsity, n=0, m=0, blocksize=128, percdamp=0.01) 
             block_keep[torch.argsort(sal.flatten())[:k]] = False
             keep[:, i:j2] = block_keep.view_as(sal)
         for j in range(i, j2):
-            if m and (j - i) % m == 0:
+            if m and (j - i) % m == 0:  # every row's M−N smallest of the next M, on the updated weights
                 sal = W[:, j : j + m] ** 2 / torch.diag(U)[j : j + m] ** 2
-                for r in range(rows):
-                    keep[r, j + torch.argsort(sal[r])[: m - n]] = False
+                drop = torch.argsort(sal, dim=1)[:, : m - n]
+                keep[:, j : j + m].scatter_(1, drop, False)
             E[:, j - i] = (~keep[:, j]) * W[:, j] / U[j, j]
             W[:, j:j2] -= torch.outer(E[:, j - i], U[j, j:j2])  # OBS update (column j of a pruned weight becomes 0)
         W[:, j2:] -= E @ U[i:j2, j2:]  # lazy batch update of every later column
