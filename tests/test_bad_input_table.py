@@ -51,12 +51,14 @@ def assert_fails_cleanly(code: int, stderr: str, run_dir: Path, match: str, *, l
 
 
 def assert_nothing_half_written(run_dir: Path, allowed: set[str] = frozenset()) -> None:
-    """The run folder holds Hydra's own files (.hydra/, cli.log) and the complete files in ``allowed``, nothing else:
-    no results.json, no model folder, no temporary file."""
+    """The run folder holds Hydra's own files (.hydra/, cli.log), the run's status.json saying ``failed``, and the
+    complete files in ``allowed``, nothing else: no results.json, no model folder, no temporary file."""
     if not run_dir.exists():
         return
     names = {p.name for p in run_dir.iterdir()}
-    assert names <= {".hydra", "cli.log", *allowed}, sorted(names)
+    assert names <= {".hydra", "cli.log", "status.json", *allowed}, sorted(names)
+    if "status.json" in names:
+        assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
     temporary = [str(p) for p in run_dir.rglob("*") if ".tmp" in p.name or p.name.startswith(".") and p.name != ".hydra"]
     assert not temporary, temporary
 
