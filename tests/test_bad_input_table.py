@@ -220,7 +220,8 @@ def test_allocation_file_for_another_target(monkeypatch, capsys, tmp_path, tiny_
     code, _ = run_msp(monkeypatch, capsys, tmp_path / "same", *args, "sparsity=0.5", "save_model=true")  # the file's own target, typed: fine
     assert code == 0 and json.loads((tmp_path / "same" / "results.json").read_text())["target_sparsity"] == 0.5
     # the model folder of a successful save is in place, with no temporary sibling left
-    assert {p.name for p in (tmp_path / "same").iterdir()} == {".hydra", "cli.log", "allocation.json", "results.json", "model"}
+    assert {p.name for p in (tmp_path / "same").iterdir()} == {".hydra", "cli.log", "allocation.json", "results.json", "model", "status.json"}
+    assert json.loads((tmp_path / "same" / "status.json").read_text())["status"] == "done"
     assert (tmp_path / "same" / "model" / "model.safetensors").exists()
 
 
