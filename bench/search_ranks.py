@@ -83,9 +83,11 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=4)
     ap.add_argument("--note", default="", help="what else ran on the machine (goes into the .md)")
     ap.add_argument("--out", default=str(RESULTS), help="folder for search_ranks.json / .md")
+    ap.add_argument("--name", default="search_ranks", help="file name stem of the results")
+    ap.add_argument("overrides", nargs="*", help="more msp overrides, e.g. allocation.fitness_blockwise=false")
     args = ap.parse_args()
     overrides = ["model=smollm2-135m", "device=cpu", "allocation=msp", f"allocation.generations={args.generations}",
-                 "allocation.init=uniform", "data.nsamples=8", "data.seqlen=256", "eval=none", "report=false"]
+                 "allocation.init=uniform", "data.nsamples=8", "data.seqlen=256", "eval=none", "report=false", *args.overrides]
     with tempfile.TemporaryDirectory(prefix="search_ranks_") as tmp:
         runs = [run(1, overrides, Path(tmp)), run(2, overrides, Path(tmp))]
     same = all(abs(a - b) <= 1e-5 * abs(b) for x, y in zip(runs[0]["history"], runs[1]["history"]) for a, b in zip(x, y))
@@ -95,8 +97,8 @@ def main() -> None:
            "note": args.note, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "search_ranks.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (out / "search_ranks.md").write_text(markdown(doc))
+    (out / f"{args.name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / f"{args.name}.md").write_text(markdown(doc))
     print(markdown(doc))
 
 

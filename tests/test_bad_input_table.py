@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import gzip
 import json
+import logging
 import os
 import re
 import subprocess
@@ -29,11 +30,18 @@ def run_msp(monkeypatch, capsys, run_dir: Path, *args: str, tiny: bool = True) -
     argv = ["msp", *(TINY if tiny else []), *args, f"hydra.run.dir={run_dir}", f"cache_dir={run_dir.parent / 'cache'}"]
     monkeypatch.setattr(sys, "argv", argv)
     capsys.readouterr()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     try:
         main()
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:  # Hydra's job logging added handlers on this test's captured stderr: later tests must not log into it
+        for h in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(h)
+            h.close()
+        root.setLevel(level)
     return code, capsys.readouterr().err
 
 

@@ -243,7 +243,8 @@ def test_search_nan_dense_reference_stops_before_the_search(windows, cpu):
     model = _tiny()
     model.lm_head.weight.data[5, 0] = float("nan")
     ctx = SimpleNamespace(model=model, device=cpu, plan=None)
-    search = SimpleNamespace(windows=windows, windows_per_stage=[2, 4], settings=SimpleNamespace(metric="kl", fitness_batch_size=2))
+    search = SimpleNamespace(windows=windows, windows_per_stage=[2, 4], settings=SimpleNamespace(metric="kl", fitness_batch_size=2,
+                                                                                                 fitness_blockwise=False, fitness_memory_gb=2.0))
     with pytest.raises(NonFiniteError, match=r"the dense reference Σ p log p .* at stage 'search: dense reference'; "
                                              r"non-finite weights: lm_head.weight"):
         _model_fitness(ctx, search, SimpleNamespace(current=None))

@@ -470,7 +470,7 @@ def test_search_lowers_the_fitness_on_tiny_llama_and_restores_the_dense_weights(
     assert list(report) == [  # results.json["search"]: these keys, in this order
         "generations", "evaluations", "fitness", "history", "initial_fitness", "best_fitness", "start_fitness", "init",
         "init_chosen", "init_scores", "granularity", "units", "initial_units", "grid", "candidates", "stage_tokens", "resumed_from", "layer_swaps",
-        "wall_seconds", "cpu_seconds", "variant_windows", "checkpoint", "ranks",
+        "wall_seconds", "cpu_seconds", "variant_windows", "checkpoint", "fitness_cost", "ranks",
     ]
     assert report["start_fitness"] == {"uniform": report["initial_fitness"]}
 

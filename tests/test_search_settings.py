@@ -51,7 +51,7 @@ def test_a_partial_dict_gets_the_defaults_and_gives_the_same_settings_as_the_ful
         ({"extra": "owl"}, "allocation.extra='owl' is not a list, e.g. allocation.extra=[uniform]"),
         ({"stages": [{"tokens": 64, "keep": 2}, {"tokens": 128}]}, "allocation.stages[0]={'tokens': 64, 'keep': 2} needs 'tokens'"),
         ({"stages": [{"tokens": 64, "survivors": "two"}, {"tokens": 128}]}, "allocation.stages[0].survivors='two' is not an integer"),
-        ({"init": "random"}, "allocation.init='random' is unknown; valid: alpha, atp, best, dlp, fisher, hessian, owl, rank, uniform"),
+        ({"init": "random"}, "allocation.init='random' is unknown; valid: alpha, atp, best, dlp, file, fisher, hessian, owl, rank, uniform"),
         ({"fitness_seqlen": 1}, "allocation.fitness_seqlen=1 must be >= 2, e.g. allocation.fitness_seqlen=256"),
         ({"offspring": 0}, "allocation.offspring=0 must be >= 1"),
         ({"min": 0.8}, "do not contain sparsity=0.7"),
