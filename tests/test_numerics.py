@@ -247,7 +247,7 @@ def test_search_nan_dense_reference_stops_before_the_search(windows, cpu):
                                                                                                  fitness_blockwise=False, fitness_memory_gb=2.0))
     with pytest.raises(NonFiniteError, match=r"the dense reference Σ p log p .* at stage 'search: dense reference'; "
                                              r"non-finite weights: lm_head.weight"):
-        _model_fitness(ctx, search, SimpleNamespace(current=None))
+        _model_fitness(ctx, search, SimpleNamespace(current=None, unit_layers=[]))
 
 
 # ---------------------------------------------------------------------------------------------------- SparseGPT
