@@ -7,6 +7,7 @@
 #   bash experiments/allocation_grid.sh                       # model=smollm2-135m
 #   MODEL=gemma3-270m bash experiments/allocation_grid.sh     # needs bash install.sh --gemma
 #   PARTS="baselines" PRUNERS="wanda" bash experiments/allocation_grid.sh   # a part of it
+#   SPARSITIES=0.7,0.75 bash experiments/allocation_grid.sh   # some rows first
 # Outputs: $OUT/<model>/<part>/<job>/ (default OUT=outputs/multirun/allocation_grid); tables and plots:
 #   experiments/results/allocation_grid_<model>/ (python3 experiments/build_tables.py $OUT/<model> --name ...)
 set -euo pipefail
@@ -15,6 +16,8 @@ MODEL=${MODEL:-smollm2-135m}
 OUT=${OUT:-outputs/multirun/allocation_grid}/$MODEL
 PRUNERS=${PRUNERS:-"wanda sparsegpt"}
 PARTS=${PARTS:-"baselines rank msp best nm seeds"}
+# SPARSITIES=0.7,0.75 runs those rows first (the baselines, rank, msp and best parts); default: all five
+SP=${SPARSITIES:+sparsity=$SPARSITIES}
 run() { msp --multirun experiment=allocation_grid model=$MODEL "$@"; }
 # the Hutchinson Hessian (rank): 8 windows x 2 probes, computed once and cached for every rank job
 rank="allocation.nsamples=8 allocation.probes=2"
@@ -22,10 +25,10 @@ for part in $PARTS; do
   for pruner in $PRUNERS; do
     dir=$OUT/$part/$pruner
     case $part in
-      baselines) run pruner=$pruner hydra.sweep.dir=$dir ;;
-      rank)      run pruner=$pruner allocation=rank $rank hydra.sweep.dir=$dir ;;
-      msp)       run pruner=$pruner allocation=msp hydra.sweep.dir=$dir ;;
-      best)      run pruner=$pruner allocation=msp allocation.init=best hydra.sweep.dir=$dir ;;
+      baselines) run pruner=$pruner $SP hydra.sweep.dir=$dir ;;
+      rank)      run pruner=$pruner $SP allocation=rank $rank hydra.sweep.dir=$dir ;;
+      msp)       run pruner=$pruner $SP allocation=msp hydra.sweep.dir=$dir ;;
+      best)      run pruner=$pruner $SP allocation=msp allocation.init=best hydra.sweep.dir=$dir ;;
       nm)        run pruner=$pruner sparsity=0.75 pattern=N:8 allocation=fisher,msp hydra.sweep.dir=$dir/n8_75
                  run pruner=$pruner sparsity=0.5 pattern=N:8 allocation=fisher,msp hydra.sweep.dir=$dir/n8_50
                  run pruner=$pruner sparsity=0.75 pattern=2:8 allocation=uniform hydra.sweep.dir=$dir/uniform_28

@@ -33,7 +33,7 @@ import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from statistics import mean
+from statistics import mean, stdev
 
 log = logging.getLogger("build_tables")
 
@@ -200,6 +200,70 @@ def ppl_table(runs: list[dict], dataset: str, sparsities: list[float] | None = N
     return header, md_rows, csv_rows
 
 
+SEARCH = "msp"  # the allocation whose rows are compared against the best of the others
+
+
+def is_plain(r: dict) -> bool:
+    """Unstructured, not true-sequential: the runs that the comparison of allocations is made on."""
+    return r.get("pattern", "unstructured") == "unstructured" and not r.get("true_sequential")
+
+
+def comparison_table(runs: list[dict], dataset: str) -> tuple[list[str], list[list[str]]] | None:
+    """Per pruner x sparsity: the best baseline allocation (lowest mean perplexity among the non-search methods), each
+    search method's perplexity, and the search's gain over that baseline (%, negative = the search is better)."""
+    cells: dict[tuple[str, float, str], list[float]] = defaultdict(list)
+    for r in runs:
+        if dataset in r.get("ppl", {}) and is_plain(r):
+            cells[(r["pruner"], r["target_sparsity"], method_of(r))].append(float(r["ppl"][dataset]))
+    searches = sorted({m for (_, _, m) in cells if f" + {SEARCH}" in m}, key=lambda m: (m.count("init="), m))
+    if not searches:
+        return None
+    labels = list(dict.fromkeys(m.split(" + ", 1)[1] for m in searches))  # "msp", "msp (init=best)", ...
+    header = ["pruner", "sparsity", "best baseline", "its ppl", *labels, "search vs best baseline"]
+    rows = []
+    for pruner, sp in sorted({(p, s) for (p, s, _) in cells}):
+        here = {m: mean(v) for (p, s, m), v in cells.items() if (p, s) == (pruner, sp)}
+        base = {m: v for m, v in here.items() if f" + {SEARCH}" not in m}
+        if not base:
+            continue
+        best = min(base, key=base.get)
+        found = [here.get(f"{pruner} + {l}") for l in labels]
+        got = [v for v in found if v is not None]
+        gain = "–" if not got else f"{100 * (min(got) / base[best] - 1):+.1f}%"
+        rows.append([pruner, pct(sp), best.split(" + ", 1)[1] if " + " in best else "uniform", fmt(base[best]),
+                     *(fmt(v) for v in found), gain])
+    return header, rows
+
+
+def timing_table(runs: list[dict], stage: str = "allocation") -> tuple[list[str], list[list[str]]]:
+    """Method x sparsity: the wall time of one stage (s), mean over runs."""
+    cells: dict[tuple[str, float], list[float]] = defaultdict(list)
+    for r in runs:
+        t = (r.get("timings") or {}).get(stage)
+        if t is not None:
+            cells[(method_of(r), r["target_sparsity"])].append(float(t))
+    sparsities = sorted({s for _, s in cells})
+    header = ["method", *(pct(s) for s in sparsities)]
+    rows = [[m, *(f"{mean(cells[(m, s)]):.0f}" if cells.get((m, s)) else "–" for s in sparsities)]
+            for m in sorted({m for m, _ in cells})]
+    return header, rows
+
+
+def noise_table(runs: list[dict], dataset: str) -> tuple[list[str], list[list[str]]] | None:
+    """The cells run more than once (calibration seeds): mean, sample standard deviation and the single values."""
+    cells: dict[tuple[str, float], list[tuple[int, float]]] = defaultdict(list)
+    for r in runs:
+        if dataset in r.get("ppl", {}):
+            cells[(method_of(r), r["target_sparsity"])].append((int(r.get("seed", 0)), float(r["ppl"][dataset])))
+    repeated = {k: sorted(v) for k, v in cells.items() if len(v) > 1}
+    if not repeated:
+        return None
+    header = ["method", "sparsity", "n", "mean", "sd", "per seed"]
+    rows = [[m, pct(s), str(len(v)), fmt(mean(x for _, x in v)), fmt(stdev([x for _, x in v])),
+             ", ".join(f"{seed}: {fmt(x)}" for seed, x in v)] for (m, s), v in sorted(repeated.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+    return header, rows
+
+
 def zeroshot_scores(zs: dict) -> dict[str, dict[str, float]]:
     return {k: v for k, v in zs.items() if isinstance(v, dict)}
 
@@ -303,10 +367,25 @@ def build(runs: list[dict], name: str) -> dict[str, str]:
             warn_mixed(model, dataset, mruns)
             header, md_rows, _ = ppl_table(mruns, dataset)
             md += [f"### Perplexity on {dataset}", "", markdown_table(header, md_rows), ""]
+            cmp_ = comparison_table(mruns, dataset)
+            if cmp_:
+                md += [f"### The search against the best baseline allocation ({dataset})", "",
+                       "Unstructured rows; the best baseline is the non-search allocation of lowest perplexity in that "
+                       "row; the last column compares the better search run with it (negative: the search wins).", "",
+                       markdown_table(*cmp_), ""]
+            noise = noise_table(mruns, dataset)
+            if noise:
+                md += [f"### Run-to-run noise ({dataset}, calibration seeds)", "", markdown_table(*noise), ""]
             every = sorted({r["target_sparsity"] for r in runs if dataset in r.get("ppl", {})})  # same columns for all models
             header, _, csv_rows = ppl_table(mruns, dataset, every)
             ppl_headers[dataset] = ["model", *header]
             ppl_csv[dataset] += [[model, *row] for row in csv_rows]
+        t_header, t_rows = timing_table(mruns)
+        if t_rows:
+            md += ["### Wall time of the allocation stage (s)", "",
+                   "Signal, search and fit to the budget; a signal cached by an earlier run of the same model and data "
+                   "(Fisher, Hessian trace, spectra) is read back, so the first run of a method pays for it.", "",
+                   markdown_table(t_header, t_rows), ""]
         zs = zeroshot_table(mruns)
         if zs:
             header, md_rows, csv_rows = zs
@@ -323,6 +402,21 @@ def build(runs: list[dict], name: str) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------- plots
+def block_profile(layers: list[dict]) -> list[float]:
+    """Parameter-weighted measured sparsity per decoder block (the first integer in a layer's name), in block
+    order; one value per layer when the names carry no block index."""
+    sums: dict[int, list[float]] = {}
+    for l in layers:
+        m = re.search(r"\.(\d+)\.", l["name"])
+        if m is None:
+            return [float(x["measured"]) for x in layers]
+        acc = sums.setdefault(int(m.group(1)), [0.0, 0.0])
+        w = float(l.get("params") or 1)
+        acc[0] += w * float(l["measured"])
+        acc[1] += w
+    return [sums[k][0] / sums[k][1] for k in sorted(sums)]
+
+
 def plot_all(runs: list[dict], out: Path) -> list[str]:
     import matplotlib
 
@@ -365,27 +459,32 @@ def plot_all(runs: list[dict], out: Path) -> list[str]:
             plt.close(fig)
             written.append(fname)
 
-        # per-layer sparsity profile of each allocation, one panel per target sparsity
-        profiles: dict[float, dict[str, list[float]]] = defaultdict(dict)
+        # per-block sparsity profile of each allocation: one panel per target sparsity (rows) and pruner (columns)
+        profiles: dict[tuple[float, str], dict[str, list[float]]] = defaultdict(dict)
         for r in mruns:
-            layers = r.get("layers") or []
-            if layers and r.get("pattern", "unstructured") == "unstructured":
-                profiles[r["target_sparsity"]].setdefault(r.get("allocation", "uniform"), [float(l["measured"]) for l in layers])
+            if r.get("layers") and is_plain(r):
+                label = method_of(r).split(" + ", 1)[1] if " + " in method_of(r) else "uniform"
+                profiles[(r["target_sparsity"], r["pruner"])].setdefault(label, block_profile(r["layers"]))
         if profiles:
-            keys = sorted(profiles)
-            fig, axes = plt.subplots(len(keys), 1, figsize=(8, 2.6 * len(keys)), squeeze=False)
-            for ax, s in zip(axes[:, 0], keys):
-                for alloc, prof in sorted(profiles[s].items()):
-                    ax.plot(range(len(prof)), [100 * p for p in prof], label=alloc, linewidth=1.2, marker=".", markersize=3)
-                ax.axhline(100 * s, color="k", linestyle=":", linewidth=0.8)
-                ax.set_ylabel("sparsity (%)")
-                ax.set_title(f"{model}: per-layer sparsity at target {pct(s)}", fontsize=9)
-                ax.legend(fontsize=7, ncol=4)
-                ax.grid(True, alpha=0.3)
-            axes[-1, 0].set_xlabel("layer index (decoder order)")
+            rows_ = sorted({s for s, _ in profiles})
+            cols = sorted({p for _, p in profiles})
+            fig, axes = plt.subplots(len(rows_), len(cols), figsize=(7 * len(cols), 2.8 * len(rows_)), squeeze=False)
+            for i, s in enumerate(rows_):
+                for j, pruner in enumerate(cols):
+                    ax = axes[i, j]
+                    for alloc, prof in sorted(profiles.get((s, pruner), {}).items()):
+                        ax.plot(range(len(prof)), [100 * p for p in prof], label=alloc, linewidth=1.2, marker=".", markersize=3)
+                    ax.axhline(100 * s, color="k", linestyle=":", linewidth=0.8)
+                    ax.set_ylabel("sparsity (%)")
+                    ax.set_title(f"{model}, {pruner}: per-block sparsity at target {pct(s)}", fontsize=9)
+                    if ax.lines[:-1]:
+                        ax.legend(fontsize=7, ncol=4)
+                    ax.grid(True, alpha=0.3)
+            for ax in axes[-1]:
+                ax.set_xlabel("block index (parameter-weighted mean over its layers)")
             fig.tight_layout()
             fname = f"layers_{slug(model)}.png"
-            fig.savefig(out / fname, dpi=120)
+            fig.savefig(out / fname, dpi=110)
             plt.close(fig)
             written.append(fname)
 

@@ -87,6 +87,12 @@ Calibration: book, 4 x 64 tokens. Evaluation windows of 64 tokens: wiki 4.
 | wanda | 12.00 | 50.00 |
 | wanda + owl | 11.00 | 30.00 |
 
+### Run-to-run noise (wiki, calibration seeds)
+
+| method | sparsity | n | mean | sd | per seed |
+|---|---:|---:|---:|---:|---:|
+| wanda | 70% | 2 | 50.00 | 14.14 | 0: 40.00, 1: 60.00 |
+
 ### Zero-shot accuracy
 
 Accuracy (%), 0-shot; first 20 examples per task (zeroshot.limit); data: embedded validation split (lm-eval's default split differs for arc_easy); typical standard error ±10.0 points.
@@ -208,3 +214,36 @@ def test_a_search_that_does_not_start_from_fisher_is_its_own_method(tmp_path):
 
     assert build_tables.method_of({"pruner": "wanda", "allocation": "msp", "search": {"init": "best"}}) == "wanda + msp (init=best)"
     assert build_tables.method_of({"pruner": "wanda", "allocation": "msp", "search": {"init": "fisher"}}) == "wanda + msp"
+
+
+def test_the_search_is_compared_with_the_best_baseline_of_each_row_and_allocation_time_is_a_table(tmp_path):
+    root = tmp_path / "runs"
+    for i, (alloc, ppl, t) in enumerate([("uniform", 40.0, 0.0), ("owl", 30.0, 5.0), ("alpha", 33.0, 12.0), ("msp", 27.0, 300.0)]):
+        path = run(root / str(i), pruner="wanda", allocation=alloc, sparsity=0.7, ppl=ppl, h=f"h{i}")
+        res = json.loads(path.read_text())
+        res["timings"]["allocation"] = t
+        path.write_text(json.dumps(res))
+    best = run(root / "9", pruner="wanda", allocation="msp", sparsity=0.7, ppl=24.0, h="h9", search=[])
+    res = json.loads(best.read_text())
+    res["search"]["init"] = "best"
+    best.write_text(json.dumps(res))
+    run(root / "10", pruner="sparsegpt", allocation="uniform", sparsity=0.7, ppl=20.0, h="h10")  # no search in this row
+    proc = build([root], tmp_path / "out", "--no-plots")
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "out" / "grid" / "README.md").read_text()
+    # owl (30) is the best baseline; the better search run (init=best, 24) is 20% below it
+    assert "| pruner | sparsity | best baseline | its ppl | msp | msp (init=best) | search vs best baseline |" in md
+    assert "| wanda | 70% | owl | 30.00 | 27.00 | 24.00 | -20.0% |" in md
+    assert "| sparsegpt | 70% | uniform | 20.00 | – | – | – |" in md
+    assert "| wanda + msp | 300 |" in md and "| wanda + owl | 5 |" in md
+
+
+def test_the_profile_plot_averages_each_block_by_parameters():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import build_tables
+
+    layers_ = [{"name": "model.layers.0.self_attn.q_proj", "params": 1, "measured": 0.5},
+               {"name": "model.layers.0.mlp.up_proj", "params": 3, "measured": 0.7},
+               {"name": "model.layers.1.mlp.up_proj", "params": 2, "measured": 0.2}]
+    assert build_tables.block_profile(layers_) == pytest.approx([0.65, 0.2])
+    assert build_tables.block_profile([{"name": "lm_head", "params": 1, "measured": 0.3}]) == [0.3]
