@@ -28,7 +28,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-BEST=${BEST:-owl}                         # the best baseline allocation of the allocation grid (the lead picks it)
+BEST=${BEST:-atp}                         # the best baseline allocation of the allocation grid (atp at 70-75%: experiments/results/allocation_grid_*)
 LIMIT=${LIMIT:-500}                       # examples per task (the first N; whole split where smaller)
 PRUNERS=${PRUNERS:-"wanda sparsegpt"}
 SPARSITIES=${SPARSITIES:-0.5,0.7}
