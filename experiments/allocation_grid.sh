@@ -8,7 +8,8 @@
 #   MODEL=gemma3-270m bash experiments/allocation_grid.sh     # needs bash install.sh --gemma
 #   PARTS="baselines" PRUNERS="wanda" bash experiments/allocation_grid.sh   # a part of it
 #   SPARSITIES=0.7,0.75 bash experiments/allocation_grid.sh   # some rows first
-# Outputs: $OUT/<model>/<part>/<job>/ (default OUT=outputs/multirun/allocation_grid); tables and plots:
+# Outputs: $OUT/<model>/<part>/<pruner>/<overrides>/ (default OUT=outputs/multirun/allocation_grid; one folder per
+#   job named by its overrides, so calls with other SPARSITIES add to a sweep folder); tables and plots:
 #   experiments/results/allocation_grid_<model>/ (python3 experiments/build_tables.py $OUT/<model> --name ...)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -18,7 +19,8 @@ PRUNERS=${PRUNERS:-"wanda sparsegpt"}
 PARTS=${PARTS:-"baselines rank msp best nm seeds"}
 # SPARSITIES=0.7,0.75 runs those rows first (the baselines, rank, msp and best parts); default: all five
 SP=${SPARSITIES:+sparsity=$SPARSITIES}
-run() { msp --multirun experiment=allocation_grid model=$MODEL "$@"; }
+# DONE_DIRS=<folder>: reuse finished identical runs from there too (an ablation's run that the defaults now equal)
+run() { msp --multirun experiment=allocation_grid model=$MODEL "$@" ${DONE_DIRS:+done_dirs=[$DONE_DIRS]}; }
 # the Hutchinson Hessian (rank): 8 windows x 2 probes, computed once and cached for every rank job
 rank="allocation.nsamples=8 allocation.probes=2"
 for part in $PARTS; do

@@ -18,7 +18,7 @@ from msp.masks import Pattern, mask_from_scores
 from msp.models import build_tiny_model, prunable_layers
 from msp.pipeline import sequential_pass
 from msp.pruners import MagnitudePruner, SparseGPTPruner, WandaPruner
-from msp.search.allocator import STATE_FILE, search_units, store_grid
+from msp.search.allocator import STATE_FILE, check_store_fits_memory, search_units, store_grid
 from msp.search.settings import parse_options
 from msp.search.evolution import (
     Evolution,
@@ -343,10 +343,22 @@ def test_default_store_grid_costs_a_third_of_dense_float16_copies():
     assert per_weight == pytest.approx(2 * (6 - sum(levels)) + 6 / 8, abs=1e-3)  # 4.35 bytes (dense copies: 12)
 
 
+def test_default_store_keeps_the_ranking_step_and_refuses_a_store_larger_than_free_memory():
+    unit_params = [4096] * 8
+    args = (unit_params, 0.7, Pattern.parse("unstructured"), (0.5, 0.9), 0.025)
+    default = parse_options({"method": "msp", "granularity": "layer"}, 0.7, Pattern.parse("unstructured"))
+    grid, step, _ = store_grid(default, args, [[n] for n in unit_params])
+    assert default.max_levels == 17 and grid.most_levels() == 17 and step == pytest.approx(0.025)
+    need = store_estimate(unit_params, [grid.levels(u) for u in range(8)], 2)
+    check_store_fits_memory(need, available=2 * need)
+    with pytest.raises(AllocationError, match="allocation.store_budget_gb=<GB> .*allocation.store=disk"):
+        check_store_fits_memory(need, available=need)
+
+
 def test_store_budget_picks_the_most_levels_that_fit():
     unit_params = [4096] * 8
     args = (unit_params, 0.7, Pattern.parse("unstructured"), (0.5, 0.9), 0.025)
-    base = parse_options({"method": "msp", "granularity": "layer"}, 0.7, Pattern.parse("unstructured"))
+    base = parse_options({"method": "msp", "granularity": "layer", "max_levels": 6}, 0.7, Pattern.parse("unstructured"))
     layers = [[n] for n in unit_params]
     grid, _, same = store_grid(base, args, layers)
     assert same.max_levels == 6 and grid.most_levels() <= 6  # no budget: allocation.max_levels as before

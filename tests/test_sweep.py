@@ -128,3 +128,18 @@ def test_launcher_configs_compose():
         slurm = compose(config_name="config", overrides=["hydra/launcher=slurm", "cache_dir=/x"], return_hydra_config=True)
     assert par.hydra.launcher._target_.endswith("JoblibLauncher") and par.hydra.launcher.n_jobs == 2
     assert slurm.hydra.launcher._target_.endswith("SlurmLauncher") and slurm.hydra.launcher.gpus_per_node == 1
+
+
+def test_grid_calls_with_other_sparsities_into_one_sweep_folder_keep_every_run(tmp_path):
+    """experiment=allocation_grid names a job's folder by its overrides: a second call with another sparsity into the
+    same sweep folder adds its runs instead of overwriting job 0's."""
+    sweep = tmp_path / "sweep"
+    for sparsity in ("0.5", "0.6"):
+        proc = msp("--multirun", "experiment=allocation_grid", "model=tiny-llama", "data=tiny", "pruner=magnitude",
+                   "allocation=uniform", f"sparsity={sparsity}", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}",
+                   cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    folders = sorted(p.parent.name for p in sweep.rglob("results.json"))
+    assert folders == ["allocation=uniform,data=tiny,sparsity=0.5", "allocation=uniform,data=tiny,sparsity=0.6"]
+    got = {json.loads((sweep / f / "results.json").read_text())["target_sparsity"] for f in folders}
+    assert got == {0.5, 0.6}

@@ -193,15 +193,40 @@ def build_search(ctx: AllocationContext, settings: Settings) -> Search:
 MAX_STORE_LEVELS = 17
 
 
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (None where the system has none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_store_fits_memory(need: int, available: int | None = None) -> None:
+    """Refuse, before the variant pass, a memory store (``allocation.max_levels`` levels per layer) larger than the
+    memory that is free: one line naming the ways to shrink it."""
+    available = available_memory_bytes() if available is None else available
+    if available is not None and need > 0.9 * available:
+        raise AllocationError(
+            f"the search's variant store needs {need / 1e9:.3g} GB of memory but {available / 1e9:.3g} GB are free; "
+            f"set allocation.store_budget_gb=<GB> (fewer levels), allocation.store=disk, or a lower allocation.max_levels"
+        )
+
+
 def store_grid(settings: Settings, grid_args: tuple, layer_params: list[list[int]]) -> tuple[Grid, float, Settings]:
     """Store mode's grid: at most ``allocation.max_levels`` levels per unit, or with ``allocation.store_budget_gb``
     the most levels (≤ :data:`MAX_STORE_LEVELS`) whose packed store (:func:`store_estimate`) fits the budget; the
     settings come back with the ``max_levels`` used. ``layer_params``: the weight counts of each unit's layers."""
-    if settings.store_budget_gb is None:
-        return (*fit_store_levels(*grid_args, settings.max_levels), settings)
-    budget = settings.store_budget_gb * 1e9
     element = torch.finfo(getattr(torch, settings.store_dtype)).bits // 8
     sizes = [n for unit in layer_params for n in unit]
+    if settings.store_budget_gb is None:
+        grid, step = fit_store_levels(*grid_args, settings.max_levels)
+        if settings.store == "memory":
+            check_store_fits_memory(store_estimate(sizes, [grid.levels(u) for u, unit in enumerate(layer_params) for _ in unit], element))
+        return grid, step, settings
+    budget = settings.store_budget_gb * 1e9
     need = math.inf
     for levels in range(MAX_STORE_LEVELS, 1, -1):
         try:

@@ -21,6 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
+#: the goldens were recorded when SparseGPT's level store defaulted to 6 levels (session 6 made it 17)
+LEVELS6 = "allocation.max_levels=6"
 TINY = ["model=tiny-llama", "data=tiny", "device=cpu", "save_model=true"]
 #: name → extra overrides; a "{pruners}" case becomes one multirun over the three pruners
 TINY_CASES: dict[str, list[str]] = {
@@ -29,12 +31,12 @@ TINY_CASES: dict[str, list[str]] = {
     "rank": ["allocation=rank", "sparsity=0.6"],
     "fisher": ["allocation=fisher", "sparsity=0.6"],
     "hessian": ["allocation=hessian", "sparsity=0.6"],
-    "msp": ["allocation=msp", "sparsity=0.6", "allocation.generations=3"],
+    "msp": ["allocation=msp", "sparsity=0.6", "allocation.generations=3", LEVELS6],
     "msp_layer_nm": ["allocation=msp", "sparsity=0.6", "pattern=N:4", "allocation.granularity=layer",
-                     "allocation.generations=3"],
+                     "allocation.generations=3", LEVELS6],
     "uniform_24": ["allocation=uniform", "pattern=2:4"],
     "fisher_true_sequential": ["allocation=fisher", "sparsity=0.7", "true_sequential=true"],
-    "msp_streamed": ["allocation=msp", "sparsity=0.6", "streaming=true", "allocation.generations=2"],
+    "msp_streamed": ["allocation=msp", "sparsity=0.6", "streaming=true", "allocation.generations=2", LEVELS6],
 }
 PRUNERS = "magnitude,wanda,sparsegpt"
 
@@ -43,7 +45,7 @@ SMOL = ["model=smollm2-135m", "data.nsamples=4", "data.seqlen=128", "data.eval_w
 #: SmolLM2: one multirun per case, so the jobs share one dequantised model (msp.models keeps it per process)
 SMOL_CASES: dict[str, list[str]] = {
     "allocators": ["pruner=wanda", "allocation=uniform,owl,rank,fisher,hessian"],
-    "msp": ["pruner=wanda,sparsegpt", "allocation=msp", "allocation.generations=2", "allocation.offspring=4"],
+    "msp": ["pruner=wanda,sparsegpt", "allocation=msp", "allocation.generations=2", "allocation.offspring=4", LEVELS6],
 }
 
 
