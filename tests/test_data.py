@@ -46,12 +46,32 @@ def test_sequential_windows_do_not_overlap():
     assert data.sequential_windows(torch.arange(1000), 128, max_windows=3).shape == (3, 128)
 
 
+def test_heldout_windows_come_from_the_tail_end_past_the_fitness_tokens():
+    tail = torch.arange(10_000, 20_000)  # a held-out tail; the search's fitness windows are cut from its start
+    w = data.heldout_windows(tail, 512, 40, reserved_tokens=4096)
+    assert w.shape == (11, 512)  # (10000 - 4096) // 512 windows fit
+    assert int(w[-1, -1]) == 19_999 and int(w.min()) >= 10_000 + 4096  # the end of the tail, never the reserved start
+    assert torch.equal(w.flatten(), torch.arange(20_000 - 11 * 512, 20_000))  # contiguous, non-overlapping
+    fitness = data.sequential_windows(tail, 256, 2)  # the default search's last stage: 2 x 256 tokens
+    assert set(fitness.flatten().tolist()).isdisjoint(w.flatten().tolist())
+    assert data.heldout_windows(tail, 512, 3, reserved_tokens=4096).shape == (3, 512)
+    with_bos = data.heldout_windows(tail, 512, 2, bos=7, reserved_tokens=4096)
+    assert with_bos[:, 0].tolist() == [7, 7] and int(with_bos[-1, -1]) == 19_999
+
+
+def test_heldout_is_an_evaluation_source_only():
+    data.check_source("heldout", evaluation=True)
+    with pytest.raises(data.DataError, match="evaluation source only"):
+        data.check_source("heldout")
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
         (lambda: data.random_windows(torch.arange(50), 4, 64, 0), "too short"),
         (lambda: data.random_windows(torch.arange(5000), 0, 64, 0), "nsamples=0"),
         (lambda: data.sequential_windows(torch.arange(50), 64), "fewer than one window"),
+        (lambda: data.heldout_windows(torch.arange(4500), 512, reserved_tokens=4096), "raise data.heldout_fraction"),
         (lambda: data.tokenize(ByteTokenizer(), "   "), "empty"),
         (lambda: data.check_seqlen(4096, 2048), "longer than the model's context"),
         (lambda: data.source_text("imagenet", "train"), "valid: book, wiki"),

@@ -482,9 +482,46 @@ def test_search_lowers_the_fitness_on_tiny_llama_and_restores_the_dense_weights(
     assert list(report) == [  # results.json["search"]: these keys, in this order
         "generations", "evaluations", "fitness", "history", "initial_fitness", "best_fitness", "start_fitness", "init",
         "init_chosen", "init_scores", "granularity", "units", "initial_units", "grid", "candidates", "stage_tokens", "resumed_from", "layer_swaps",
-        "wall_seconds", "cpu_seconds", "variant_windows", "checkpoint", "fitness_cost", "ranks",
+        "wall_seconds", "cpu_seconds", "variant_windows", "checkpoint", "fitness_cost", "ranks", "final",
     ]
     assert report["start_fitness"] == {"uniform": report["initial_fitness"]}
+
+
+@pytest.mark.parametrize("pruner", [SparseGPTPruner(), WandaPruner()], ids=["sparsegpt-store", "wanda-ranking"])
+def test_final_candidate_delivers_the_model_the_search_scored(tmp_path, pruner):
+    """allocation.final=candidate hands back the winning genome's variant weights: put in place, the model's KL to
+    the dense model on the last stage's held-out windows is the search's best fitness; the same search with
+    final=prune gives the same allocation and no weights (the pipeline prunes again)."""
+    import torch.nn.functional as F
+
+    from msp.prune import apply_weights_
+    from msp.search.allocator import fitness_windows
+
+    options = {**SMALL, "generations": 3, "fitness_batch_size": 1}
+    ctx = _ctx(tmp_path / "candidate", pruner=pruner)
+    dense = {n: l.weight.detach().clone() for n, l in ctx.layers.items()}
+    outcome = build_allocation(ctx, {**options, "final": "candidate"})
+    assert outcome.search["final"] == "candidate" and outcome.allocation.meta["final"] == "candidate"
+    assert set(outcome.weights) == set(ctx.layers)
+    assert all(torch.equal(ctx.layers[n].weight, dense[n]) for n in dense)  # dense until the prune stage
+    windows, per_stage = fitness_windows(ctx, parse_options(options, 0.7, ctx.pattern))
+    last = windows[: per_stage[-1]]
+    with torch.no_grad():
+        dense_logp = F.log_softmax(ctx.model(input_ids=last).logits.float(), dim=-1)
+        reports = apply_weights_(ctx.model, outcome.weights, outcome.allocation)
+        logq = F.log_softmax(ctx.model(input_ids=last).logits.float(), dim=-1)
+    kl = float((dense_logp.exp() * (dense_logp - logq)).sum(-1).mean())
+    assert kl == pytest.approx(outcome.search["best_fitness"], rel=1e-4)
+    for r in reports:  # every layer at its allocated sparsity (Wanda's per-row counts round within a row)
+        assert r.measured == pytest.approx(outcome.allocation[r.name], abs=1.0 / ctx.layers[r.name].in_features)
+    again = build_allocation(_ctx(tmp_path / "prune", pruner=pruner), options)
+    assert again.weights is None and again.search["final"] == "prune"
+    assert again.allocation.sparsities == outcome.allocation.sparsities
+
+
+def test_final_must_be_prune_or_candidate():
+    with pytest.raises(AllocationError, match=r"allocation.final='store' is unknown; valid: prune, candidate"):
+        parse_options({"final": "store"}, 0.7, Pattern.parse("unstructured"))
 
 
 def test_allocator_resume_continues_to_the_same_allocation(tmp_path, monkeypatch):

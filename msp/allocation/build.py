@@ -57,12 +57,15 @@ class Allocated:
     """What an allocator hands back: the allocation, and what it measured on the way (for ``results.json``).
 
     ``sensitivity``: the :class:`msp.sensitivity.SensitivityReport` the allocation was derived from (the search:
-    that of its start); ``search``: the search's report (``SearchReport.to_json()``), ``None`` for other methods.
+    that of its start); ``search``: the search's report (``SearchReport.to_json()``), ``None`` for other methods;
+    ``weights``: layer name → the pruned weight (on the CPU) the run delivers as it is instead of pruning again
+    (the search's ``allocation.final=candidate``), ``None``: the pruner prunes at ``allocation``.
     """
 
     allocation: Allocation
     sensitivity: Any = None
     search: dict | None = None
+    weights: dict | None = None
 
 
 Allocator = Callable[[AllocationContext, dict], Allocated]

@@ -18,7 +18,9 @@
 5. **Report** (:class:`SearchReport`: ``results.json["search"]``).
 
 The dense weights are restored afterwards; the model is then pruned with the winning allocation by the normal
-sequential pipeline (:func:`msp.prune.prune_`), so the reported perplexity is that of a real pruned model.
+sequential pipeline (:func:`msp.prune.prune_`), so the reported perplexity is that of a real pruned model. With
+``allocation.final=candidate`` the run delivers instead the very model the search scored (the winning genome's
+variant weights, :func:`candidate_weights`), as EvoPress stitches its final model from its database.
 """
 from __future__ import annotations
 
@@ -106,6 +108,7 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocated:
             result = search.evolution.run(fitness, search.start, resume=settings.resume, resume_from=search.source)
             # the start population (e.g. the Fisher pass) is timed on its own, inside the run
             seconds = (time.perf_counter() - t0 - search.start.wall, time.process_time() - c0 - search.start.cpu)
+            weights = candidate_weights(source.candidate, ctx.layers, result.best) if settings.final == "candidate" else None
     report = SearchReport.of(search, source, result, seconds, started, ranks=ranks.world)
     log.info("search done: fitness %s %.5f (initial %s allocation) -> %.5f (best) in %d generations, %d evaluations, %.1f s "
              "(precompute %.1f s, init %.1f s, search %.1f s)", settings.metric, result.initial_fitness, settings.init,
@@ -114,11 +117,20 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocated:
     best = search.grid.sparsities(result.best)
     sparsities = {name: float(best[u]) for u, names in enumerate(search.units) for name in names}
     meta = {"granularity": settings.granularity, "init": settings.init, "init_chosen": search.start.chosen, "fitness": settings.metric,
-            "best_fitness": result.best_fitness, "initial_fitness": result.initial_fitness}
+            "best_fitness": result.best_fitness, "initial_fitness": result.initial_fitness, "final": settings.final}
     if ctx.pattern.kind == "mixed_nm":
         meta["achieved_mean"] = search.grid.achieved
     allocation = Allocation(sparsities, settings.target, "msp", meta)
-    return Allocated(allocation, sensitivity=search.start.sensitivity.get(search.start.chosen), search=report.to_json())
+    return Allocated(allocation, sensitivity=search.start.sensitivity.get(search.start.chosen), search=report.to_json(), weights=weights)
+
+
+@torch.no_grad()
+def candidate_weights(candidate: CandidateModel, layers: dict[str, torch.nn.Linear], genome: np.ndarray) -> dict[str, torch.Tensor]:
+    """``allocation.final=candidate``: the weights of the model the search scored for ``genome`` (its layers taken
+    from the variants), copied to the CPU before the dense weights go back in. Costs one copy of the prunable
+    weights in host memory until the prune stage puts them in place."""
+    candidate.apply(genome)
+    return {name: lin.weight.detach().to("cpu", copy=True) for name, lin in layers.items()}
 
 
 def _fixed_pattern(ctx: AllocationContext) -> Allocated:
@@ -446,6 +458,7 @@ class SearchReport:
     # forwards, and what one full forward per evaluation runs), bytes moved to the device by kind, passes
     fitness_cost: dict
     ranks: int = 1  # processes that scored the candidates together (msp.distributed)
+    final: str = "prune"  # what the run delivers: prune (re-pruned at the allocation) | candidate (the scored model)
 
     @classmethod
     def of(cls, search: Search, source: CandidateSource, result: SearchResult, seconds: tuple[float, float],
@@ -468,7 +481,7 @@ class SearchReport:
             wall_seconds={"precompute": source.wall, "init": start.wall, "search": seconds[0], "total": time.perf_counter() - started},
             cpu_seconds={"precompute": source.cpu, "init": start.cpu, "search": seconds[1]},
             variant_windows=source.variant_windows,
-            checkpoint=str(search.evolution.checkpoint) if search.evolution.checkpoint else None, ranks=ranks,
+            checkpoint=str(search.evolution.checkpoint) if search.evolution.checkpoint else None, ranks=ranks, final=st.final,
             fitness_cost={**source.fitness.cost.to_json(), "blockwise": source.fitness.blockwise, "stride": source.fitness.stride},
         )
 
@@ -495,4 +508,4 @@ def _tracker_callback(ctx: AllocationContext):
 
 
 __all__ = ["msp_allocator", "check_options", "build_search", "check_checkpoint", "candidate_source", "Search", "StartPopulation",
-           "CandidateSource", "SearchReport", "search_units", "store_grid", "MAX_STORE_LEVELS", "fitness_windows", "fingerprint_fields", "STATE_FILE"]
+           "CandidateSource", "SearchReport", "candidate_weights", "search_units", "store_grid", "MAX_STORE_LEVELS", "fitness_windows", "fingerprint_fields", "STATE_FILE"]

@@ -34,11 +34,15 @@ METRICS = ("kl", "ppl")
 MODES = ("auto", "ranking", "store")  # allocation.candidates
 STORES = ("memory", "disk")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
+#: allocation.final: what the run delivers at the winning allocation. ``prune``: the pruner run again on the whole
+#: calibration set through the sequential pipeline (later blocks calibrated on pruned inputs); ``candidate``: the
+#: very model the search scored, its layers taken from the variants (EvoPress's stitched model)
+FINALS = ("prune", "candidate")
 
 #: field → valid values, checked by :func:`validate`
 CHOICES: dict[str, tuple[str, ...]] = {
     "granularity": GRANULARITIES, "init": INITS, "fitness": METRICS, "candidates": MODES, "store": STORES,
-    "store_dtype": STORE_DTYPES,
+    "store_dtype": STORE_DTYPES, "final": FINALS,
 }
 #: integer field → its smallest valid value (the search's own budget fields are checked by EvolutionConfig)
 MINIMUM = {"fitness_seqlen": 2, "fitness_batch_size": 1, "max_levels": 2, "init_swaps": 1, "variant_nsamples": 1}
@@ -88,6 +92,7 @@ class SearchConfig:
     max_levels: int = 17  # the ranking pruners' step 0.025 over ±0.2 (6 levels, steps of 0.08, lost SparseGPT 75%)
     store_budget_gb: Optional[float] = None  # store mode: None = max_levels; else the largest max_levels <= 17 whose store fits
     variant_nsamples: Optional[int] = 8  # calibration windows of the variant pass (None: all)
+    final: str = "prune"  # prune: re-prune at the winning allocation | candidate: deliver the model the search scored (FINALS)
     seed: Optional[int] = None  # None: the run's seed
     resume: bool = False
     resume_from: Optional[str] = None  # a run dir or a search_state.json
@@ -146,6 +151,7 @@ class Settings:
     resume: bool
     resume_from: str | None
     dist_timeout_s: float = 300.0
+    final: str = "prune"  # FINALS
 
     def checkpoint_source(self, run_dir: Path | None) -> Path | None:
         """Where a resumed search reads its state: ``allocation.resume_from`` (a run dir or a file), else the run dir."""
@@ -197,7 +203,7 @@ def validate(config: SearchConfig, target: float, pattern: Pattern, seed: int = 
         fitness_batch_size=c.fitness_batch_size, fitness_blockwise=c.fitness_blockwise, fitness_memory_gb=c.fitness_memory_gb,
         max_levels=c.max_levels, store_budget_gb=c.store_budget_gb, init_swaps=c.init_swaps, candidates=c.candidates,
         store=c.store, store_dtype=c.store_dtype, variant_nsamples=c.variant_nsamples, config=evolution, resume=c.resume,
-        resume_from=c.resume_from, dist_timeout_s=c.dist_timeout_s,
+        resume_from=c.resume_from, dist_timeout_s=c.dist_timeout_s, final=c.final,
     )
 
 
@@ -299,4 +305,4 @@ def _integer(key: str, value: Any) -> int:
 
 
 __all__ = ["SearchConfig", "StageConfig", "Settings", "parse_options", "validate", "STATE_FILE", "GRANULARITIES", "INITS", "BEST_INITS",
-           "EXTRAS", "METRICS", "MODES", "STORES", "STORE_DTYPES"]
+           "EXTRAS", "METRICS", "MODES", "STORES", "STORE_DTYPES", "FINALS"]
