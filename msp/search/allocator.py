@@ -42,6 +42,7 @@ from msp.allocation.base import Allocation, AllocationError
 from msp.allocation.baselines import BLOCK_ONLY
 from msp.allocation.build import Allocated, AllocationContext, allocator_entry, build_allocation, load_allocation_file
 from msp.allocation.registry import load
+from msp.device import available_memory_bytes
 from msp.distributed import ranks as run_ranks
 from msp.distributed import same_search, search_group, split_fitness
 from msp.masks import Pattern
@@ -203,17 +204,6 @@ def build_search(ctx: AllocationContext, settings: Settings) -> Search:
 
 #: the finest store grid ``allocation.store_budget_gb`` picks: 17 levels over ±0.2 is the 0.025 step
 MAX_STORE_LEVELS = 17
-
-
-def available_memory_bytes() -> int | None:
-    """``MemAvailable`` of ``/proc/meminfo`` (None where the system has none)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def check_store_fits_memory(need: int, available: int | None = None) -> None:
