@@ -22,7 +22,7 @@ OUTPUT_ONLY_KEYS = ("cache_dir", "use_cache", "skip_done", "done_dirs", "logger"
 NEUTRAL_DEFAULTS = {"true_sequential": False, "eval.devices": None, "eval.skip": False, "export.quantized": False,
                     "allocation.store_budget_gb": None, "model.bos_per_window": False,
                     "model.blocks": None, "allocation.fitness_blockwise": True, "allocation.fitness_memory_gb": 2.0,
-                    "allocation.final": "prune"}
+                    "allocation.final": "prune", "allocation.verify_tokens": None}
 #: facts about ``model.name`` carried by the ``model=`` entries (msp.config.ModelConfig), added after runs were
 #: recorded: they follow from the name and do not change a run's numbers
 MODEL_FACTS = ("model.loader", "model.max_seqlen", "model.licence")

@@ -482,7 +482,7 @@ def test_search_lowers_the_fitness_on_tiny_llama_and_restores_the_dense_weights(
     assert list(report) == [  # results.json["search"]: these keys, in this order
         "generations", "evaluations", "fitness", "history", "initial_fitness", "best_fitness", "start_fitness", "init",
         "init_chosen", "init_scores", "granularity", "units", "initial_units", "grid", "candidates", "stage_tokens", "resumed_from", "layer_swaps",
-        "wall_seconds", "cpu_seconds", "variant_windows", "checkpoint", "fitness_cost", "ranks", "final",
+        "wall_seconds", "cpu_seconds", "variant_windows", "checkpoint", "fitness_cost", "ranks", "final", "verify",
     ]
     assert report["start_fitness"] == {"uniform": report["initial_fitness"]}
 
@@ -517,6 +517,41 @@ def test_final_candidate_delivers_the_model_the_search_scored(tmp_path, pruner):
     again = build_allocation(_ctx(tmp_path / "prune", pruner=pruner), options)
     assert again.weights is None and again.search["final"] == "prune"
     assert again.allocation.sparsities == outcome.allocation.sparsities
+
+
+def test_verify_rescoring_on_the_search_tokens_repeats_the_search_fitness(tmp_path):
+    """allocation.verify_tokens equal to the last stage's tokens re-reads the same windows: every finalist's
+    verification score is its search fitness, so the best is delivered, as without verification."""
+    options = {**SMALL, "generations": 3}
+    plain = build_allocation(_ctx(tmp_path / "plain", pruner=SparseGPTPruner()), options)
+    outcome = build_allocation(_ctx(tmp_path / "same", pruner=SparseGPTPruner()), {**options, "verify_tokens": 192})
+    verify = outcome.search["verify"]
+    assert verify["tokens"] == 192 and verify["finalists"][0]["name"] == "start"
+    for f in verify["finalists"]:
+        assert f["verify_fitness"] == pytest.approx(f["search_fitness"], rel=1e-6)
+    assert min(f["verify_fitness"] for f in verify["finalists"]) == pytest.approx(outcome.search["best_fitness"], rel=1e-6)
+    assert outcome.allocation.sparsities == plain.allocation.sparsities
+    assert plain.search["verify"] is None
+
+
+def test_verify_delivers_the_finalist_best_on_more_tokens(tmp_path):
+    """On more held-out tokens the finalists rank anew: the delivered allocation is the one of lowest verification
+    fitness (the start among them), and the report's units are the delivered allocation's."""
+    ctx = _ctx(tmp_path, pruner=SparseGPTPruner())
+    outcome = build_allocation(ctx, {**SMALL, "generations": 3, "verify_tokens": 512})
+    verify = outcome.search["verify"]
+    names = [f["name"] for f in verify["finalists"]]
+    assert names[0] == "start" and len(names) == len(set(names)) >= 2
+    best = min(verify["finalists"], key=lambda f: f["verify_fitness"])
+    assert verify["chosen"] == best["name"]
+    assert " ".join(f"{outcome.allocation[n]:.3f}" for n in ctx.layers) == best["genome"]
+    assert [outcome.search["units"][n] for n in ctx.layers] == [outcome.allocation[n] for n in ctx.layers]
+    assert outcome.allocation.weighted_mean(ctx.params) == pytest.approx(0.7, abs=1e-12)
+
+
+def test_verify_tokens_below_the_last_stage_name_the_fix():
+    with pytest.raises(AllocationError, match=r"verify_tokens=256 is fewer than the last stage's 512 tokens.*verify_tokens>=512"):
+        parse_options({"verify_tokens": 256}, 0.7, Pattern.parse("unstructured"))
 
 
 def test_final_must_be_prune_or_candidate():

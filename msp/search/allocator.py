@@ -109,13 +109,16 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocated:
             result = search.evolution.run(fitness, search.start, resume=settings.resume, resume_from=search.source)
             # the start population (e.g. the Fisher pass) is timed on its own, inside the run
             seconds = (time.perf_counter() - t0 - search.start.wall, time.process_time() - c0 - search.start.cpu)
-            weights = candidate_weights(source.candidate, ctx.layers, result.best) if settings.final == "candidate" else None
-    report = SearchReport.of(search, source, result, seconds, started, ranks=ranks.world)
+            chosen, verified = result.best, None
+            if settings.verify_tokens is not None:
+                chosen, verified = verify_finalists(ctx, search, source, result)
+            weights = candidate_weights(source.candidate, ctx.layers, chosen) if settings.final == "candidate" else None
+    report = SearchReport.of(search, source, result, seconds, started, ranks=ranks.world, delivered=chosen, verify=verified)
     log.info("search done: fitness %s %.5f (initial %s allocation) -> %.5f (best) in %d generations, %d evaluations, %.1f s "
              "(precompute %.1f s, init %.1f s, search %.1f s)", settings.metric, result.initial_fitness, settings.init,
              result.best_fitness, result.generations, result.evaluations, report.wall_seconds["total"], source.wall,
              search.start.wall, seconds[0])
-    best = search.grid.sparsities(result.best)
+    best = search.grid.sparsities(chosen)
     sparsities = {name: float(best[u]) for u, names in enumerate(search.units) for name in names}
     meta = {"granularity": settings.granularity, "init": settings.init, "init_chosen": search.start.chosen, "fitness": settings.metric,
             "best_fitness": result.best_fitness, "initial_fitness": result.initial_fitness, "final": settings.final}
@@ -123,6 +126,41 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocated:
         meta["achieved_mean"] = search.grid.achieved
     allocation = Allocation(sparsities, settings.target, "msp", meta)
     return Allocated(allocation, sensitivity=search.start.sensitivity.get(search.start.chosen), search=report.to_json(), weights=weights)
+
+
+@torch.no_grad()
+def verify_finalists(ctx: AllocationContext, search: "Search", source: "CandidateSource", result: SearchResult) -> tuple[np.ndarray, dict]:
+    """``allocation.verify_tokens``: the last population and the start, re-scored on the first ``verify_tokens``
+    held-out tokens (more than the last stage's, so the pick is less the luck of a few hundred tokens: the best of
+    many noisy scores is biased low); the best of them is delivered. A search that found nothing better than its
+    start on these tokens delivers its start. Returns (the chosen genome, what ``results.json["search"]["verify"]``
+    records)."""
+    st = search.settings
+    n = math.ceil(st.verify_tokens / st.fitness_seqlen)
+    windows = data_mod.sequential_windows(ctx.heldout_tokens, st.fitness_seqlen, n, bos=ctx.bos_token_id)
+    if windows.shape[0] < n:
+        raise AllocationError(
+            f"allocation.verify_tokens={st.verify_tokens} needs {n} windows of {st.fitness_seqlen} held-out tokens but the held-out text "
+            f"has {windows.shape[0]}; lower allocation.verify_tokens or raise data.heldout_fraction"
+        )
+    finalists: list[tuple[str, np.ndarray, float]] = [("start", np.asarray(result.initial, np.int64), result.initial_fitness)]
+    for i, (genome, value) in enumerate(zip(result.population, result.fitness)):
+        if not any(np.array_equal(genome, g) for _, g, _ in finalists):
+            finalists.append((f"population[{i}]", np.asarray(genome, np.int64), float(value)))
+    t0 = time.perf_counter()
+    source.candidate.restore()  # the dense reference of the verification windows is taken from the dense weights
+    verifier = ModelFitness(ctx.model, source.candidate, windows, [n], ctx.device, st.metric, st.fitness_batch_size, plan=ctx.plan,
+                            blockwise=False)
+    scores = [verifier(genome, 0) for _, genome, _ in finalists]
+    del verifier
+    pick = int(np.argmin(scores))
+    describe = _describer(search.grid)
+    log.info("search: verification on %d held-out tokens: %s; delivering %s", n * st.fitness_seqlen,
+             ", ".join(f"{name} {v:.5f}" for (name, _, _), v in zip(finalists, scores)), finalists[pick][0])
+    report = {"tokens": int(n * st.fitness_seqlen), "chosen": finalists[pick][0], "seconds": time.perf_counter() - t0,
+              "finalists": [{"name": name, "search_fitness": f, "verify_fitness": v, "genome": describe(g)}
+                            for (name, g, f), v in zip(finalists, scores)]}
+    return finalists[pick][1], report
 
 
 @torch.no_grad()
@@ -449,12 +487,16 @@ class SearchReport:
     fitness_cost: dict
     ranks: int = 1  # processes that scored the candidates together (msp.distributed)
     final: str = "prune"  # what the run delivers: prune (re-pruned at the allocation) | candidate (the scored model)
+    # allocation.verify_tokens: {tokens, chosen, seconds, finalists: [{name, search_fitness, verify_fitness, genome}]}; None: off
+    verify: dict | None = None
 
     @classmethod
     def of(cls, search: Search, source: CandidateSource, result: SearchResult, seconds: tuple[float, float],
-           started: float, ranks: int = 1) -> "SearchReport":
+           started: float, ranks: int = 1, delivered: np.ndarray | None = None, verify: dict | None = None) -> "SearchReport":
         """``seconds``: (wall, CPU) of the evolution without the start population; ``started``: the allocator's start;
-        ``ranks``: the processes the search ran on."""
+        ``ranks``: the processes the search ran on; ``delivered``: the genome the run delivers (``units``; default the
+        best); ``verify``: the finalists' verification (:func:`verify_finalists`)."""
+        delivered = result.best if delivered is None else delivered
         st, grid, start = search.settings, search.grid, search.start
         last = st.config.stages - 1
         return cls(
@@ -462,7 +504,7 @@ class SearchReport:
             initial_fitness=result.initial_fitness, best_fitness=result.best_fitness,
             start_fitness={k: search.evolution.cached(g, last) for k, g in start.named.items()}, init=st.init,
             init_chosen=start.chosen, init_scores=dict(start.scores),
-            granularity=st.granularity, units=dict(zip(search.unit_names, grid.sparsities(result.best))),
+            granularity=st.granularity, units=dict(zip(search.unit_names, grid.sparsities(delivered))),
             initial_units=dict(zip(search.unit_names, grid.sparsities(result.initial))),
             grid={"step": search.step, "min": st.bounds[0], "max": st.bounds[1], "weights_per_step": grid.step_weights,
                   "levels": [len(grid.levels(u)) for u in range(len(search.units))]},
@@ -471,7 +513,7 @@ class SearchReport:
             wall_seconds={"precompute": source.wall, "init": start.wall, "search": seconds[0], "total": time.perf_counter() - started},
             cpu_seconds={"precompute": source.cpu, "init": start.cpu, "search": seconds[1]},
             variant_windows=source.variant_windows,
-            checkpoint=str(search.evolution.checkpoint) if search.evolution.checkpoint else None, ranks=ranks, final=st.final,
+            checkpoint=str(search.evolution.checkpoint) if search.evolution.checkpoint else None, ranks=ranks, final=st.final, verify=verify,
             fitness_cost={**source.fitness.cost.to_json(), "blockwise": source.fitness.blockwise, "stride": source.fitness.stride},
         )
 

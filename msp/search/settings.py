@@ -93,6 +93,7 @@ class SearchConfig:
     store_budget_gb: Optional[float] = None  # store mode: None = max_levels; else the largest max_levels <= 17 whose store fits
     variant_nsamples: Optional[int] = 8  # calibration windows of the variant pass (None: all)
     final: str = "prune"  # prune: re-prune at the winning allocation | candidate: deliver the model the search scored (FINALS)
+    verify_tokens: Optional[int] = None  # re-score the last population and the start on this many held-out tokens; deliver the best (None: off)
     seed: Optional[int] = None  # None: the run's seed
     resume: bool = False
     resume_from: Optional[str] = None  # a run dir or a search_state.json
@@ -152,6 +153,7 @@ class Settings:
     resume_from: str | None
     dist_timeout_s: float = 300.0
     final: str = "prune"  # FINALS
+    verify_tokens: int | None = None  # the finalists' re-scoring on more held-out tokens (None: off)
 
     def checkpoint_source(self, run_dir: Path | None) -> Path | None:
         """Where a resumed search reads its state: ``allocation.resume_from`` (a run dir or a file), else the run dir."""
@@ -193,6 +195,12 @@ def validate(config: SearchConfig, target: float, pattern: Pattern, seed: int = 
     bounds = _bounds(c, target)
     _check_grid_moves(c, target, bounds, pattern)
     tokens, survivors = _stages(c.stages)
+    verify = None if c.verify_tokens is None else _integer("verify_tokens", c.verify_tokens)
+    if verify is not None and verify < tokens[-1]:
+        raise AllocationError(
+            f"allocation.verify_tokens={verify} is fewer than the last stage's {tokens[-1]} tokens: the finalists would be re-scored on "
+            f"less than the search scored them on; use allocation.verify_tokens>={tokens[-1]} (e.g. 4096), or null to switch it off"
+        )
     evolution = EvolutionConfig(
         generations=c.generations, population=c.population, offspring=c.offspring, survivors=tuple(survivors),
         crossover=c.crossover, max_swaps=c.max_swaps, seed=c.seed if c.seed is not None else int(seed),
@@ -203,7 +211,7 @@ def validate(config: SearchConfig, target: float, pattern: Pattern, seed: int = 
         fitness_batch_size=c.fitness_batch_size, fitness_blockwise=c.fitness_blockwise, fitness_memory_gb=c.fitness_memory_gb,
         max_levels=c.max_levels, store_budget_gb=c.store_budget_gb, init_swaps=c.init_swaps, candidates=c.candidates,
         store=c.store, store_dtype=c.store_dtype, variant_nsamples=c.variant_nsamples, config=evolution, resume=c.resume,
-        resume_from=c.resume_from, dist_timeout_s=c.dist_timeout_s, final=c.final,
+        resume_from=c.resume_from, dist_timeout_s=c.dist_timeout_s, final=c.final, verify_tokens=verify,
     )
 
 
