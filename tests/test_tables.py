@@ -247,3 +247,29 @@ def test_the_profile_plot_averages_each_block_by_parameters():
                {"name": "model.layers.1.mlp.up_proj", "params": 2, "measured": 0.2}]
     assert build_tables.block_profile(layers_) == pytest.approx([0.65, 0.2])
     assert build_tables.block_profile([{"name": "lm_head", "params": 1, "measured": 0.3}]) == [0.3]
+
+
+def test_the_ablation_table_keeps_every_run_apart_with_what_its_command_changed(tmp_path):
+    """experiments/ablation_table.py: one row per run, the overrides every run shares printed once, the rest per row,
+    each dataset's perplexity, the search's fitness and the verified pick."""
+    root = tmp_path / "ablation"
+    for name, extra, ppl, heldout in (("a", [], 190.5, 127.3), ("b", ["allocation.verify_tokens=4096"], 180.25, 125.0)):
+        f = run(root / name, pruner="sparsegpt", allocation="msp", sparsity=0.7, ppl=ppl, h=name)
+        res = json.loads(f.read_text())
+        res["ppl"]["heldout"], res["dense_ppl"]["heldout"] = heldout, 40.0
+        res["search"] = {"initial_fitness": 1.5584, "best_fitness": 1.3456, "verify": {"chosen": "population[1]"} if extra else None}
+        res["timings"]["allocation"] = 1400.0
+        f.write_text(json.dumps(res))
+        (root / name / ".hydra").mkdir()
+        (root / name / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in ["model=gemma3-270m", "allocation=msp", *extra, "hydra.run.dir=x"]))
+    out = tmp_path / "tables"
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "ablation_table.py"), str(root), "--name", "abl", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    readme = (out / "abl" / "README.md").read_text()
+    assert "Every run: `model=gemma3-270m allocation=msp`" in readme and "hydra.run.dir" not in readme
+    assert "| a | `(defaults)` | 190.5 | 127.3 | 1.558 → 1.346 | – | 1400 | 1 |" in readme
+    assert "| b | `allocation.verify_tokens=4096` | 180.2 | 125.0 | 1.558 → 1.346 | population[1] | 1400 | 1 |" in readme
+    assert "Dense perplexity: wiki 10.00, heldout 40.00" in readme
+    rows = (out / "abl" / "runs.csv").read_text().splitlines()
+    assert rows[0].startswith("run,changes,ppl_wiki,ppl_heldout") and rows[2].startswith("b,allocation.verify_tokens=4096,180.25,125.0")
