@@ -8,6 +8,8 @@
 #                        instead of SparseGPT run again on all 32 windows through the sequential pipeline
 #   tokens 4x            1024 tokens per offspring, 2048 for the survivors (default 256 / 512)
 #   last stage 4x        256 per offspring, 2048 for the survivors
+#   seed 1               the default search with another seed (its spread)
+#   verify 4096          the default search, its last population and start re-scored on 4,096 held-out tokens
 # One run at a time per core (OMP_NUM_THREADS=1, JOBS=2 runs two), each skip-done by its folder; then the table:
 #   bash experiments/gemma_sparsegpt_ablation.sh   → $OUT/<run>/ and experiments/results/search_ablation_gemma3_sparsegpt70/
 # About 35 min per search run and 8-16 min per baseline on one core of the 2-core CPU (the tokens-4x search: 70 min).
@@ -24,6 +26,8 @@ runs=(
   "cand70 allocation=msp allocation.final=candidate"
   "tok4x_70 allocation=msp allocation.stages=[{tokens:1024,survivors:2},{tokens:2048}]"
   "last4x_70 allocation=msp allocation.stages=[{tokens:256,survivors:2},{tokens:2048}]"
+  "seed1_70 allocation=msp allocation.seed=1"
+  "verify70 allocation=msp allocation.verify_tokens=4096"
 )
 one() {  # <name> <overrides...>: one run, skipped when its results.json exists
   local name=$1; shift
