@@ -324,14 +324,15 @@ def data_stage(spec: RunSpec, loaded: LoadedModel, cache: DiskCache, model_key: 
     bos = data_mod.window_bos(loaded.tokenizer, spec.bos_per_window)
     split = data_mod.split_calibration(tokens_of(cache, loaded, d["calibration"], "train", model_key), float(d.get("heldout_fraction", 0.1)))
     calibration_ids = data_mod.random_windows(split.calibration_tokens, int(d["nsamples"]), seqlen, spec.seed, bos=bos)
-    eval_windows = {
-        name: data_mod.heldout_windows(split.heldout_tokens, seqlen, d.get("eval_windows"), bos=bos, reserved_tokens=data_mod.HELDOUT_RESERVED_TOKENS)
-        if name == data_mod.HELDOUT else
-        data_mod.sequential_windows(tokens_of(cache, loaded, name, "test", model_key), seqlen, d.get("eval_windows"), bos=bos)
-        for name in d.get("evaluation", [])
-    }
-    return RunData(calibration_ids, split.heldout_tokens, eval_windows, bos)
 
+    def windows_of(name: str) -> torch.Tensor:  # heldout: the calibration text's unseen tail; else the source's test split
+        if name == data_mod.HELDOUT:
+            return data_mod.heldout_windows(split.heldout_tokens, seqlen, d.get("eval_windows"), bos=bos,
+                                            reserved_tokens=data_mod.HELDOUT_RESERVED_TOKENS)
+        return data_mod.sequential_windows(tokens_of(cache, loaded, name, "test", model_key), seqlen, d.get("eval_windows"), bos=bos)
+
+    eval_windows = {name: windows_of(name) for name in d.get("evaluation", [])}
+    return RunData(calibration_ids, split.heldout_tokens, eval_windows, bos)
 
 
 def dense_eval_stage(spec: RunSpec, evaluator: Evaluator, data: RunData, cache: DiskCache, model_key: dict, meter: StageMeter) -> dict[str, float]:
