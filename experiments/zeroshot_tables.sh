@@ -6,7 +6,9 @@
 #   arc_challenge 299, openbookqa 500), lm-eval's accuracy and standard error, mean ± sqrt(Σ se²)/7, next to perplexity.
 # Calibration, evaluation windows and search budget: the allocation grid's (experiment=allocation_grid: msp's
 # defaults), so the perplexities match experiments/results/allocation_grid_<model>/.
-# Finished jobs are skipped (skip_done=true), so an interrupted run continues where it stopped.
+# Finished jobs are skipped (skip_done=true), so an interrupted run continues where it stopped; every finished run's
+# results.json is also kept (and committed) under $RESULTS/zeroshot_<model>_runs/<config hash>/, which the next sweep
+# reads as done_dirs: a table that takes several sessions to finish continues from the committed runs.
 #   bash experiments/zeroshot_tables.sh                    → experiments/results/zeroshot_smollm2-135m/
 #   MSP_GEMMA=1 bash experiments/zeroshot_tables.sh        → also experiments/results/zeroshot_gemma3-270m/
 #   BEST=fisher bash experiments/zeroshot_tables.sh        the baseline allocation picked from the allocation grid
@@ -46,12 +48,17 @@ if [[ "${MSP_GEMMA:-0}" == 1 ]]; then models+=(gemma3-270m); fi
 start=$SECONDS
 for model in "${models[@]}"; do
   sweep=$OUT/zeroshot_$model
+  kept=$PWD/$RESULTS/zeroshot_$model${NAME_SUFFIX}_runs   # finished runs, committed: the next sweep skips them
+  [[ $RESULTS = /* ]] && kept=$RESULTS/zeroshot_$model${NAME_SUFFIX}_runs
+  mkdir -p "$kept"
   for pruner in $PRUNERS; do
     # shellcheck disable=SC2086  # $MSP and $EXTRA are word lists
     $MSP --multirun experiment=allocation_grid model=$model pruner=$pruner sparsity=$SPARSITIES allocation=$ALLOCATIONS \
       zeroshot=paper zeroshot.limit=$LIMIT zeroshot.dense=true zeroshot.source=embedded zeroshot.batch_size=$BATCH \
-      skip_done=true hydra.sweep.dir=$sweep/$pruner $EXTRA
+      skip_done=true "done_dirs=[$kept]" hydra.sweep.dir=$sweep/$pruner $EXTRA \
+      || echo "zeroshot_tables.sh: the $model $pruner sweep failed; its finished runs are kept and tabled" >&2
+    python3 experiments/zeroshot_table.py "$sweep" "$kept" --model "$model" --out "$RESULTS" --name "zeroshot_$model$NAME_SUFFIX" \
+      --archive "$kept" || true   # nothing finished yet: no table
   done
-  python3 experiments/zeroshot_table.py "$sweep" --model "$model" --out "$RESULTS" --name "zeroshot_$model$NAME_SUFFIX"
 done
 echo "zeroshot_tables.sh: $(( (SECONDS - start) / 60 )) min wall for ${models[*]}"

@@ -53,3 +53,34 @@ def test_table_rows_means_and_errors(tmp_path):
     assert "| wanda @ 50% | 40.00 | 50.0 ± 3.0 | 60.0 ± 4.0 | 70.0 ± 5.0 | **60.0 ± 2.4** |" in md
     assert "first 500 examples per task" in md and "1.00 h of it in zero-shot" in md
     assert (out / "zeroshot_m.png").stat().st_size > 10_000
+
+
+def test_archive_keeps_finished_runs_for_the_next_sweep(tmp_path):
+    """--archive copies each zero-shot run's results.json to ARCHIVE/<config hash>/ (a later sweep's done_dirs), keeps
+    one already there, and the table reads the archive back when the sweep folder is gone."""
+    from msp.sweep import find_finished_run
+
+    fake_run(tmp_path / "sweep" / "a", "wanda", "uniform", 0.5, [0.5, 0.6, 0.7], [0.03, 0.04, 0.05], 40.0)
+    fake_run(tmp_path / "sweep" / "b", "wanda", "owl", 0.5, [0.55, 0.6, 0.65], [0.03, 0.03, 0.03], 35.0)
+    kept = tmp_path / "kept"
+    (kept / "b").mkdir(parents=True)
+    (kept / "b" / "results.json").write_text((tmp_path / "sweep" / "b" / "results.json").read_text().replace("35.0", "36.0"))
+
+    def table(*paths):
+        return subprocess.run([sys.executable, "experiments/zeroshot_table.py", *map(str, paths), "--model", "m",
+                               "--out", str(tmp_path / "out"), "--archive", str(kept)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+
+    proc = table(tmp_path / "sweep", kept)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1 new run(s) kept" in proc.stdout
+    assert (kept / "a" / "results.json").read_text() == (tmp_path / "sweep" / "a" / "results.json").read_text()
+    assert "36.0" in (kept / "b" / "results.json").read_text()  # the one already kept is not overwritten
+    assert find_finished_run("a", [kept]) == kept / "a" / "results.json"  # what skip_done with done_dirs=[kept] finds
+
+    import shutil
+    shutil.rmtree(tmp_path / "sweep")
+    proc = table(kept)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "out" / "zeroshot_m" / "zeroshot_m.csv").open())}
+    assert list(rows) == ["dense", "wanda", "wanda + owl"] and float(rows["wanda"]["ppl_wiki"]) == pytest.approx(40.0)
