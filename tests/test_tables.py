@@ -273,3 +273,31 @@ def test_the_ablation_table_keeps_every_run_apart_with_what_its_command_changed(
     assert "Dense perplexity: wiki 10.00, heldout 40.00" in readme
     rows = (out / "abl" / "runs.csv").read_text().splitlines()
     assert rows[0].startswith("run,changes,ppl_wiki,ppl_heldout") and rows[2].startswith("b,allocation.verify_tokens=4096,180.25,125.0")
+
+
+def test_a_finalist_of_a_verified_search_becomes_an_allocation_file(tmp_path):
+    """experiments/finalist_allocation.py: every layer gets its unit's value from the named finalist's genome (block
+    units by prefix, layer units by name), in the format allocation=file reads; a run without verification, or an
+    unknown finalist, gets one line."""
+    from msp.allocation.base import Allocation
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from finalist_allocation import finalist_allocation
+
+    layers = ["model.layers.0.q", "model.layers.0.o", "model.layers.1.q", "model.layers.10.q"]
+    units = {"model.layers.0": 0.7, "model.layers.1": 0.7, "model.layers.10": 0.7}
+    verify = {"chosen": "population[1]", "tokens": 4096, "finalists": [
+        {"name": "start", "genome": "0.700 0.700 0.700"}, {"name": "population[0]", "genome": "0.650 0.800 0.750"},
+        {"name": "population[1]", "genome": "0.700 0.750 0.650"}]}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"target_sparsity": 0.7, "search": {"units": units, "verify": verify}}))
+    (run / "allocation.json").write_text(json.dumps({"method": "msp", "target": 0.7, "sparsities": dict.fromkeys(layers, 0.7)}))
+    alloc = Allocation.from_json(finalist_allocation(run))
+    assert [alloc[n] for n in layers] == [0.65, 0.65, 0.8, 0.75]  # layers.1 is not layers.10's block
+    assert [finalist_allocation(run, "population[1]")["sparsities"][n] for n in layers] == [0.7, 0.7, 0.75, 0.65]
+    with pytest.raises(SystemExit, match=r"no finalist 'population\[7\]'.*valid: start, population\[0\], population\[1\]"):
+        finalist_allocation(run, "population[7]")
+    (run / "results.json").write_text(json.dumps({"target_sparsity": 0.7, "search": {"units": units, "verify": None}}))
+    with pytest.raises(SystemExit, match="has no verification"):
+        finalist_allocation(run)
