@@ -377,6 +377,7 @@ def allocation_stage(spec: RunSpec, model: torch.nn.Module, device: torch.device
         calibration_ids=data.calibration_ids, heldout_tokens=data.heldout_tokens, seqlen=int(d["seqlen"]), seed=spec.seed, cache=cache,
         cache_fields={**model_key, "data": d["calibration"], "nsamples": int(d["nsamples"]), "seqlen": int(d["seqlen"]), "seed": spec.seed},
         run_dir=run_dir, batch_size=spec.batch_size, tracker=tracker, plan=plan, bos_token_id=data.bos,
+        true_sequential=bool(spec.true_sequential),
     )
     outcome = build_allocation(ctx, dict(spec.allocation))
     if not is_writer():

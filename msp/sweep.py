@@ -22,7 +22,8 @@ OUTPUT_ONLY_KEYS = ("cache_dir", "use_cache", "skip_done", "done_dirs", "logger"
 NEUTRAL_DEFAULTS = {"true_sequential": False, "eval.devices": None, "eval.skip": False, "export.quantized": False,
                     "allocation.store_budget_gb": None, "model.bos_per_window": False,
                     "model.blocks": None, "allocation.fitness_blockwise": True, "allocation.fitness_memory_gb": 2.0,
-                    "allocation.final": "prune", "allocation.verify_tokens": None}
+                    "allocation.final": "prune", "allocation.verify_tokens": None,
+                    "allocation.verify": "rerank"}  # session 7's verification (verify_tokens=N) re-ranked
 #: facts about ``model.name`` carried by the ``model=`` entries (msp.config.ModelConfig), added after runs were
 #: recorded: they follow from the name and do not change a run's numbers
 MODEL_FACTS = ("model.loader", "model.max_seqlen", "model.licence")
@@ -59,6 +60,13 @@ def _drop_unused_zeroshot_options(tree: dict) -> None:
         del node[key]
 
 
+def _drop_unused_verify_options(tree: dict) -> None:
+    """Without a verification (``allocation.verify_tokens=null``) ``allocation.verify`` does nothing: left out."""
+    node = tree.get("allocation")
+    if isinstance(node, dict) and "verify_tokens" in node and node["verify_tokens"] is None:
+        node.pop("verify", None)
+
+
 def _drop_unset_survivors(tree: dict) -> None:
     """The search's last stage has no survivors: the schema (msp.search.settings.StageConfig) writes
     ``survivors: null`` where the earlier YAML wrote nothing."""
@@ -88,6 +96,7 @@ def config_hash(config: dict) -> str:
     if generations not in (None, "???") and isinstance(tree.get("allocation"), dict):
         tree["allocation"].setdefault("generations", generations)
     _drop_unused_zeroshot_options(tree)
+    _drop_unused_verify_options(tree)
     _drop_unset_survivors(tree)
     _unset_resume(tree)
     for key, neutral in NEUTRAL_DEFAULTS.items():

@@ -2,6 +2,8 @@
 resume is exact, thresholded rankings equal the pruners' masks, and on tiny-llama the search lowers the fitness."""
 from __future__ import annotations
 
+import logging
+
 import json
 import math
 from dataclasses import replace
@@ -497,7 +499,7 @@ def test_final_candidate_delivers_the_model_the_search_scored(tmp_path, pruner):
     from msp.prune import apply_weights_
     from msp.search.allocator import fitness_windows
 
-    options = {**SMALL, "generations": 3, "fitness_batch_size": 1}
+    options = {**SMALL, "generations": 3, "fitness_batch_size": 1, "verify_tokens": None}  # the search's own best, unverified
     ctx = _ctx(tmp_path / "candidate", pruner=pruner)
     dense = {n: l.weight.detach().clone() for n, l in ctx.layers.items()}
     outcome = build_allocation(ctx, {**options, "final": "candidate"})
@@ -523,8 +525,8 @@ def test_verify_rescoring_on_the_search_tokens_repeats_the_search_fitness(tmp_pa
     """allocation.verify_tokens equal to the last stage's tokens re-reads the same windows: every finalist's
     verification score is its search fitness, so the best is delivered, as without verification."""
     options = {**SMALL, "generations": 3}
-    plain = build_allocation(_ctx(tmp_path / "plain", pruner=SparseGPTPruner()), options)
-    outcome = build_allocation(_ctx(tmp_path / "same", pruner=SparseGPTPruner()), {**options, "verify_tokens": 192})
+    plain = build_allocation(_ctx(tmp_path / "plain", pruner=SparseGPTPruner()), {**options, "verify_tokens": None})
+    outcome = build_allocation(_ctx(tmp_path / "same", pruner=SparseGPTPruner()), {**options, "verify_tokens": 192, "verify": "rerank"})
     verify = outcome.search["verify"]
     assert verify["tokens"] == 192 and verify["finalists"][0]["name"] == "start"
     for f in verify["finalists"]:
@@ -538,8 +540,9 @@ def test_verify_delivers_the_finalist_best_on_more_tokens(tmp_path):
     """On more held-out tokens the finalists rank anew: the delivered allocation is the one of lowest verification
     fitness (the start among them), and the report's units are the delivered allocation's."""
     ctx = _ctx(tmp_path, pruner=SparseGPTPruner())
-    outcome = build_allocation(ctx, {**SMALL, "generations": 3, "verify_tokens": 512})
+    outcome = build_allocation(ctx, {**SMALL, "generations": 3, "verify_tokens": 512, "verify": "rerank"})
     verify = outcome.search["verify"]
+    assert verify["mode"] == "rerank" and all(f["pruned_fitness"] is None for f in verify["finalists"])
     names = [f["name"] for f in verify["finalists"]]
     assert names[0] == "start" and len(names) == len(set(names)) >= 2
     best = min(verify["finalists"], key=lambda f: f["verify_fitness"])
@@ -549,9 +552,90 @@ def test_verify_delivers_the_finalist_best_on_more_tokens(tmp_path):
     assert outcome.allocation.weighted_mean(ctx.params) == pytest.approx(0.7, abs=1e-12)
 
 
-def test_verify_tokens_below_the_last_stage_name_the_fix():
-    with pytest.raises(AllocationError, match=r"verify_tokens=256 is fewer than the last stage's 512 tokens.*verify_tokens>=512"):
-        parse_options({"verify_tokens": 256}, 0.7, Pattern.parse("unstructured"))
+@pytest.mark.parametrize("mode", ["guard", "rerank_guard"])
+@pytest.mark.parametrize("pruner", [WandaPruner(), SparseGPTPruner()], ids=["wanda", "sparsegpt"])
+def test_the_guard_scores_the_pick_and_the_start_as_the_run_delivers_them(tmp_path, pruner, mode):
+    """allocation.verify=guard (the default, final=prune): the search's best (rerank_guard: the re-ranked best) and
+    its start are pruned by the run's pruner on all calibration windows and scored; the better is delivered, and the
+    delivered allocation pruned by prune_ as the prune stage does has exactly that fitness; the dense weights are
+    back afterwards."""
+    import torch.nn.functional as F
+
+    from msp import data as data_mod
+    from msp.prune import prune_
+
+    ctx = _ctx(tmp_path, pruner=pruner)
+    dense = {n: l.weight.detach().clone() for n, l in ctx.layers.items()}
+    outcome = build_allocation(ctx, {**SMALL, "generations": 2, "verify_tokens": 512, "verify": mode})
+    verify = outcome.search["verify"]
+    assert verify["mode"] == mode and verify["finalists"][0]["name"] == "start"
+    for n, lin in ctx.layers.items():
+        assert torch.equal(lin.weight, dense[n])
+    windows = data_mod.sequential_windows(ctx.heldout_tokens, 64, 8, bos=ctx.bos_token_id)
+    with torch.no_grad():
+        p = F.log_softmax(ctx.model(windows).logits.float(), -1)
+        prune_(ctx.model, pruner, outcome.allocation, ctx.calibration_ids, ctx.device, ctx.pattern, ctx.batch_size)
+        q = F.log_softmax(ctx.model(windows).logits.float(), -1)
+    kl = float((p.exp() * (p - q)).sum(-1).mean())
+    chosen = next(f for f in verify["finalists"] if f["name"] == verify["chosen"])
+    assert chosen["pruned_fitness"] == pytest.approx(kl, rel=1e-4)
+    guarded = [f for f in verify["finalists"] if f["pruned_fitness"] is not None]
+    assert chosen["pruned_fitness"] == min(f["pruned_fitness"] for f in guarded)
+    if mode == "guard":  # the start and the search's own best, nothing re-ranked
+        assert [f["name"] for f in verify["finalists"]] == ["start", "population[0]"] == [f["name"] for f in guarded]
+        assert all(f["verify_fitness"] is None for f in verify["finalists"])
+    else:  # the start and the finalist of lowest fitness on the verification tokens
+        best = min(verify["finalists"], key=lambda f: f["verify_fitness"])
+        assert {f["name"] for f in guarded} == {"start", best["name"]}
+
+
+def test_the_guard_keeps_the_start_when_the_search_model_misleads(tmp_path, monkeypatch):
+    """When the search's best, pruned as delivered, scores worse than the start pruned the same way, the start is
+    delivered (made to happen by pruning every non-start finalist much harder than its allocation says)."""
+    from msp.search import allocator
+
+    real = allocator.prune_
+    calls = []
+
+    def prune_harder(model, pruner, allocation, *args, **kwargs):
+        calls.append(allocation)
+        if len(calls) == 2:  # the second contender, the search's best
+            allocation = type(allocation)({n: 0.95 for n in allocation.sparsities}, 0.95, "msp", {})
+        return real(model, pruner, allocation, *args, **kwargs)
+
+    monkeypatch.setattr(allocator, "prune_", prune_harder)
+    ctx = _ctx(tmp_path, pruner=WandaPruner())
+    outcome = build_allocation(ctx, {**SMALL, "generations": 2, "verify_tokens": 512})
+    verify = outcome.search["verify"]
+    assert len(calls) == 2 and verify["chosen"] == "start"
+    start = next(f for f in verify["finalists"] if f["name"] == "start")["genome"]
+    assert " ".join(f"{outcome.allocation[n]:.3f}" for n in ctx.layers) == start
+
+
+def test_verify_on_a_short_held_out_text_uses_what_it_has(tmp_path, caplog):
+    """The default verify_tokens=4096 on a held-out text of fewer tokens verifies on all of it and says so (one line
+    naming data.heldout_fraction), instead of failing after the search."""
+    ctx = _ctx(tmp_path, pruner=SparseGPTPruner())
+    have = ctx.heldout_tokens.numel() // 64
+    with caplog.at_level(logging.WARNING, logger="msp.search.allocator"):
+        outcome = build_allocation(ctx, {**SMALL, "generations": 2, "verify_tokens": 64 * (have + 10)})
+    assert outcome.search["verify"]["tokens"] <= 64 * have
+    assert outcome.search["verify"]["tokens"] >= 192  # at least the last stage's tokens
+    assert any("data.heldout_fraction" in r.getMessage() for r in caplog.records)
+
+
+def test_verify_is_on_by_default_with_4096_tokens():
+    assert parse_options({}, 0.7, Pattern.parse("unstructured")).verify_tokens == 4096
+    assert parse_options({"verify_tokens": None}, 0.7, Pattern.parse("unstructured")).verify_tokens is None
+
+
+def test_verify_tokens_below_the_last_stage_switch_verification_off(caplog):
+    """Fewer tokens than the last stage's would re-score the finalists on part of what they were scored on: no
+    verification, said in one line (the default 4096 under a longer last stage lands here)."""
+    with caplog.at_level(logging.WARNING, logger="msp.search.settings"):
+        assert parse_options({"verify_tokens": 256}, 0.7, Pattern.parse("unstructured")).verify_tokens is None
+        assert parse_options({"stages": [{"tokens": 5000}]}, 0.7, Pattern.parse("unstructured")).verify_tokens is None
+    assert any("verify_tokens=256 is fewer than the last stage's 512 tokens" in r.getMessage() for r in caplog.records)
 
 
 def test_final_must_be_prune_or_candidate():

@@ -41,6 +41,7 @@ class AllocationContext:
     tracker: Any = None
     plan: Any = None  # msp.streaming.StreamingPlan of the run (None: resident); streamed stages read it
     bos_token_id: int | None = None  # model.bos_per_window: the search's fitness windows start with it too
+    true_sequential: bool = False  # the run's prune stage order (the search's pruned verification prunes the same way)
 
 
     @property

@@ -48,6 +48,7 @@ from msp.distributed import same_search, search_group, split_fitness
 from msp.masks import Pattern
 from msp.models import find_blocks, layer_block_index
 from msp.numerics import check_all_finite, weights_hint
+from msp.prune import prune_
 from msp.search.evolution import Evolution, SearchResult, mutate, snap
 from msp.search.fitness import CandidateModel, LayerVariants, ModelFitness, precompute_variants, resolve_mode, store_estimate
 from msp.search.grid import Grid, build_grid, fit_store_levels
@@ -118,49 +119,76 @@ def msp_allocator(ctx: AllocationContext, options: dict) -> Allocated:
              "(precompute %.1f s, init %.1f s, search %.1f s)", settings.metric, result.initial_fitness, settings.init,
              result.best_fitness, result.generations, result.evaluations, report.wall_seconds["total"], source.wall,
              search.start.wall, seconds[0])
-    best = search.grid.sparsities(chosen)
-    sparsities = {name: float(best[u]) for u, names in enumerate(search.units) for name in names}
     meta = {"granularity": settings.granularity, "init": settings.init, "init_chosen": search.start.chosen, "fitness": settings.metric,
             "best_fitness": result.best_fitness, "initial_fitness": result.initial_fitness, "final": settings.final}
     if ctx.pattern.kind == "mixed_nm":
         meta["achieved_mean"] = search.grid.achieved
-    allocation = Allocation(sparsities, settings.target, "msp", meta)
+    allocation = genome_allocation(search, chosen, meta)
     return Allocated(allocation, sensitivity=search.start.sensitivity.get(search.start.chosen), search=report.to_json(), weights=weights)
 
 
 @torch.no_grad()
 def verify_finalists(ctx: AllocationContext, search: "Search", source: "CandidateSource", result: SearchResult) -> tuple[np.ndarray, dict]:
-    """``allocation.verify_tokens``: the last population and the start, re-scored on the first ``verify_tokens``
-    held-out tokens (more than the last stage's, so the pick is less the luck of a few hundred tokens: the best of
-    many noisy scores is biased low); the best of them is delivered. A search that found nothing better than its
-    start on these tokens delivers its start. Returns (the chosen genome, what ``results.json["search"]["verify"]``
-    records)."""
+    """``allocation.verify_tokens``: a last check of the search's pick on the first ``verify_tokens`` held-out tokens
+    (more than the last stage's: the best of many noisy few-hundred-token scores is biased low).
+
+    ``allocation.verify``: ``guard`` (default) scores the search's best and its start as the run delivers them (with
+    ``final=prune``: the pruner at their allocations on all calibration windows, the search's variant models can
+    rank them the other way, e.g. SparseGPT at 75%) and delivers the better, so the search never delivers a model
+    worse than its start's on these tokens; ``rerank`` re-scores the last population and the start as the search
+    scored them and delivers the best; ``rerank_guard`` re-ranks, then guards. Returns (the chosen genome, what
+    ``results.json["search"]["verify"]`` records)."""
     st = search.settings
-    n = math.ceil(st.verify_tokens / st.fitness_seqlen)
-    windows = data_mod.sequential_windows(ctx.heldout_tokens, st.fitness_seqlen, n, bos=ctx.bos_token_id)
-    if windows.shape[0] < n:
-        raise AllocationError(
-            f"allocation.verify_tokens={st.verify_tokens} needs {n} windows of {st.fitness_seqlen} held-out tokens but the held-out text "
-            f"has {windows.shape[0]}; lower allocation.verify_tokens or raise data.heldout_fraction"
-        )
+    asked = math.ceil(st.verify_tokens / st.fitness_seqlen)
+    windows = data_mod.sequential_windows(ctx.heldout_tokens, st.fitness_seqlen, asked, bos=ctx.bos_token_id)
+    n = int(windows.shape[0])  # never fewer than the last stage's windows: the search itself scored on them
+    if n < asked:
+        log.warning("search: allocation.verify_tokens=%d asks for %d windows of %d held-out tokens; the held-out text has %d, so "
+                    "the check uses %d tokens (raise data.heldout_fraction or use longer calibration text for more)",
+                    st.verify_tokens, asked, st.fitness_seqlen, n, n * st.fitness_seqlen)
     finalists: list[tuple[str, np.ndarray, float]] = [("start", np.asarray(result.initial, np.int64), result.initial_fitness)]
     for i, (genome, value) in enumerate(zip(result.population, result.fitness)):
-        if not any(np.array_equal(genome, g) for _, g, _ in finalists):
+        if not any(np.array_equal(genome, g) for _, g, _ in finalists) and (st.verify != "guard" or i == 0):
             finalists.append((f"population[{i}]", np.asarray(genome, np.int64), float(value)))
     t0 = time.perf_counter()
     source.candidate.restore()  # the dense reference of the verification windows is taken from the dense weights
     verifier = ModelFitness(ctx.model, source.candidate, windows, [n], ctx.device, st.metric, st.fitness_batch_size, plan=ctx.plan,
                             blockwise=False)
-    scores = [verifier(genome, 0) for _, genome, _ in finalists]
+    as_pruned = st.final == "prune" and ctx.pruner is not None
+    scored: dict[int, float] = {}  # the models the search scored (its variants' weights)
+    if st.verify != "guard" or not as_pruned:
+        scored = {i: verifier(genome, 0) for i, (_, genome, _) in enumerate(finalists)}
+    pick = min(scored, key=lambda i: (scored[i], i)) if st.verify != "guard" else len(finalists) - 1  # guard: the search's best
+    pruned: dict[int, float] = {}
+    if st.verify in ("guard", "rerank_guard"):
+        contenders = list(dict.fromkeys([0, pick]))
+        if as_pruned:
+            for i in contenders:
+                source.candidate.restore()
+                prune_(ctx.model, ctx.pruner, genome_allocation(search, finalists[i][1]), ctx.calibration_ids, ctx.device, ctx.pattern,
+                       ctx.batch_size, store_device=getattr(ctx.plan, "store", None), true_sequential=ctx.true_sequential)
+                pruned[i] = verifier.of_model(0)
+            source.candidate.restore()
+        guard = pruned or {i: scored[i] for i in contenders}
+        pick = min(guard, key=lambda i: (guard[i], i))
+    source.candidate.restore()
     del verifier
-    pick = int(np.argmin(scores))
     describe = _describer(search.grid)
-    log.info("search: verification on %d held-out tokens: %s; delivering %s", n * st.fitness_seqlen,
-             ", ".join(f"{name} {v:.5f}" for (name, _, _), v in zip(finalists, scores)), finalists[pick][0])
-    report = {"tokens": int(n * st.fitness_seqlen), "chosen": finalists[pick][0], "seconds": time.perf_counter() - t0,
-              "finalists": [{"name": name, "search_fitness": f, "verify_fitness": v, "genome": describe(g)}
-                            for (name, g, f), v in zip(finalists, scores)]}
+    log.info("search: verification (%s) on %d held-out tokens: %s%s; delivering %s", st.verify, n * st.fitness_seqlen,
+             ", ".join(f"{finalists[i][0]} {v:.5f}" for i, v in scored.items()) or "-",
+             "; pruned as delivered: " + ", ".join(f"{finalists[i][0]} {v:.5f}" for i, v in pruned.items()) if pruned else "",
+             finalists[pick][0])
+    report = {"mode": st.verify, "tokens": int(n * st.fitness_seqlen), "chosen": finalists[pick][0], "seconds": time.perf_counter() - t0,
+              "finalists": [{"name": name, "search_fitness": f, "verify_fitness": scored.get(i), "pruned_fitness": pruned.get(i),
+                             "genome": describe(g)} for i, (name, g, f) in enumerate(finalists)]}
     return finalists[pick][1], report
+
+
+def genome_allocation(search: "Search", genome: np.ndarray, meta: dict | None = None) -> Allocation:
+    """The per-layer allocation of a genome: every layer of a unit at the unit's sparsity."""
+    levels = search.grid.sparsities(genome)
+    sparsities = {name: float(levels[u]) for u, names in enumerate(search.units) for name in names}
+    return Allocation(sparsities, search.settings.target, "msp", dict(meta or {}))
 
 
 @torch.no_grad()

@@ -604,6 +604,11 @@ class ModelFitness:
         self._count_forward(n, self.candidate.bytes_written - written)
         return value
 
+    def of_model(self, stage: int) -> float:
+        """The fitness of the weights in place now (a model pruned by hand, no candidate applied) on the stage's windows."""
+        n = self.stage_windows[stage]
+        return self._kl(n) if self.metric == "kl" else self._ppl(n)
+
     @torch.no_grad()
     def _batches(self, n: int, desc: str | None = None):
         """(batch index, token ids on the device, float32 logits) for the first ``n`` windows, in batches."""

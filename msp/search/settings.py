@@ -8,6 +8,7 @@ defaults (``SearchConfig(**options)``), so a test can write ``{"method": "msp", 
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -19,6 +20,8 @@ from msp.allocation.registry import ALLOCATORS
 from msp.masks import Pattern
 from msp.search.evolution import EvolutionConfig
 from msp.search.grid import nm_level_range
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "search_state.json"  # the search checkpoint, in the run dir
 
@@ -38,11 +41,14 @@ STORE_DTYPES = ("float16", "bfloat16", "float32")
 #: calibration set through the sequential pipeline (later blocks calibrated on pruned inputs); ``candidate``: the
 #: very model the search scored, its layers taken from the variants (EvoPress's stitched model)
 FINALS = ("prune", "candidate")
+#: allocation.verify: guard (the search's best against its start, as delivered) | rerank (the last population and the
+#: start re-scored as the search scored them) | rerank_guard (rerank, then the guard)
+VERIFY_MODES = ("guard", "rerank", "rerank_guard")
 
 #: field → valid values, checked by :func:`validate`
 CHOICES: dict[str, tuple[str, ...]] = {
     "granularity": GRANULARITIES, "init": INITS, "fitness": METRICS, "candidates": MODES, "store": STORES,
-    "store_dtype": STORE_DTYPES, "final": FINALS,
+    "store_dtype": STORE_DTYPES, "final": FINALS, "verify": VERIFY_MODES,
 }
 #: integer field → its smallest valid value (the search's own budget fields are checked by EvolutionConfig)
 MINIMUM = {"fitness_seqlen": 2, "fitness_batch_size": 1, "max_levels": 2, "init_swaps": 1, "variant_nsamples": 1}
@@ -93,7 +99,8 @@ class SearchConfig:
     store_budget_gb: Optional[float] = None  # store mode: None = max_levels; else the largest max_levels <= 17 whose store fits
     variant_nsamples: Optional[int] = 8  # calibration windows of the variant pass (None: all)
     final: str = "prune"  # prune: re-prune at the winning allocation | candidate: deliver the model the search scored (FINALS)
-    verify_tokens: Optional[int] = None  # re-score the last population and the start on this many held-out tokens; deliver the best (None: off)
+    verify_tokens: Optional[int] = 4096  # held-out tokens of the final check of the search's pick (allocation.verify); None: off
+    verify: str = "guard"  # VERIFY_MODES: what the verification compares (guard: the search's best and its start, pruned as delivered)
     seed: Optional[int] = None  # None: the run's seed
     resume: bool = False
     resume_from: Optional[str] = None  # a run dir or a search_state.json
@@ -154,6 +161,7 @@ class Settings:
     dist_timeout_s: float = 300.0
     final: str = "prune"  # FINALS
     verify_tokens: int | None = None  # the finalists' re-scoring on more held-out tokens (None: off)
+    verify: str = "guard"  # VERIFY_MODES
 
     def checkpoint_source(self, run_dir: Path | None) -> Path | None:
         """Where a resumed search reads its state: ``allocation.resume_from`` (a run dir or a file), else the run dir."""
@@ -195,12 +203,11 @@ def validate(config: SearchConfig, target: float, pattern: Pattern, seed: int = 
     bounds = _bounds(c, target)
     _check_grid_moves(c, target, bounds, pattern)
     tokens, survivors = _stages(c.stages)
-    verify = None if c.verify_tokens is None else _integer("verify_tokens", c.verify_tokens)
-    if verify is not None and verify < tokens[-1]:
-        raise AllocationError(
-            f"allocation.verify_tokens={verify} is fewer than the last stage's {tokens[-1]} tokens: the finalists would be re-scored on "
-            f"less than the search scored them on; use allocation.verify_tokens>={tokens[-1]} (e.g. 4096), or null to switch it off"
-        )
+    verify_tokens = None if c.verify_tokens is None else _integer("verify_tokens", c.verify_tokens)
+    if verify_tokens is not None and verify_tokens < tokens[-1]:  # e.g. the default 4096 under a longer last stage: nothing to add
+        log.warning("allocation.verify_tokens=%d is fewer than the last stage's %d tokens, on which the finalists were already scored: "
+                    "no verification (use allocation.verify_tokens>%d to verify on more tokens)", verify_tokens, tokens[-1], tokens[-1])
+        verify_tokens = None
     evolution = EvolutionConfig(
         generations=c.generations, population=c.population, offspring=c.offspring, survivors=tuple(survivors),
         crossover=c.crossover, max_swaps=c.max_swaps, seed=c.seed if c.seed is not None else int(seed),
@@ -211,7 +218,7 @@ def validate(config: SearchConfig, target: float, pattern: Pattern, seed: int = 
         fitness_batch_size=c.fitness_batch_size, fitness_blockwise=c.fitness_blockwise, fitness_memory_gb=c.fitness_memory_gb,
         max_levels=c.max_levels, store_budget_gb=c.store_budget_gb, init_swaps=c.init_swaps, candidates=c.candidates,
         store=c.store, store_dtype=c.store_dtype, variant_nsamples=c.variant_nsamples, config=evolution, resume=c.resume,
-        resume_from=c.resume_from, dist_timeout_s=c.dist_timeout_s, final=c.final, verify_tokens=verify,
+        resume_from=c.resume_from, dist_timeout_s=c.dist_timeout_s, final=c.final, verify_tokens=verify_tokens, verify=c.verify,
     )
 
 
@@ -313,4 +320,4 @@ def _integer(key: str, value: Any) -> int:
 
 
 __all__ = ["SearchConfig", "StageConfig", "Settings", "parse_options", "validate", "STATE_FILE", "GRANULARITIES", "INITS", "BEST_INITS",
-           "EXTRAS", "METRICS", "MODES", "STORES", "STORE_DTYPES", "FINALS"]
+           "EXTRAS", "METRICS", "MODES", "STORES", "STORE_DTYPES", "FINALS", "VERIFY_MODES"]

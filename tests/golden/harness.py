@@ -23,6 +23,8 @@ HERE = Path(__file__).resolve().parent
 
 #: the goldens were recorded when SparseGPT's level store defaulted to 6 levels (session 6 made it 17)
 LEVELS6 = "allocation.max_levels=6"
+#: ... and without the finalists' verification (session 8 made allocation.verify_tokens=4096 the default)
+UNVERIFIED = "allocation.verify_tokens=null"
 TINY = ["model=tiny-llama", "data=tiny", "device=cpu", "save_model=true"]
 #: name → extra overrides; a "{pruners}" case becomes one multirun over the three pruners
 TINY_CASES: dict[str, list[str]] = {
@@ -31,12 +33,12 @@ TINY_CASES: dict[str, list[str]] = {
     "rank": ["allocation=rank", "sparsity=0.6"],
     "fisher": ["allocation=fisher", "sparsity=0.6"],
     "hessian": ["allocation=hessian", "sparsity=0.6"],
-    "msp": ["allocation=msp", "sparsity=0.6", "allocation.generations=3", LEVELS6],
+    "msp": ["allocation=msp", "sparsity=0.6", "allocation.generations=3", LEVELS6, UNVERIFIED],
     "msp_layer_nm": ["allocation=msp", "sparsity=0.6", "pattern=N:4", "allocation.granularity=layer",
-                     "allocation.generations=3", LEVELS6],
+                     "allocation.generations=3", LEVELS6, UNVERIFIED],
     "uniform_24": ["allocation=uniform", "pattern=2:4"],
     "fisher_true_sequential": ["allocation=fisher", "sparsity=0.7", "true_sequential=true"],
-    "msp_streamed": ["allocation=msp", "sparsity=0.6", "streaming=true", "allocation.generations=2", LEVELS6],
+    "msp_streamed": ["allocation=msp", "sparsity=0.6", "streaming=true", "allocation.generations=2", LEVELS6, UNVERIFIED],
 }
 PRUNERS = "magnitude,wanda,sparsegpt"
 
@@ -45,7 +47,7 @@ SMOL = ["model=smollm2-135m", "data.nsamples=4", "data.seqlen=128", "data.eval_w
 #: SmolLM2: one multirun per case, so the jobs share one dequantised model (msp.models keeps it per process)
 SMOL_CASES: dict[str, list[str]] = {
     "allocators": ["pruner=wanda", "allocation=uniform,owl,rank,fisher,hessian"],
-    "msp": ["pruner=wanda,sparsegpt", "allocation=msp", "allocation.generations=2", "allocation.offspring=4", LEVELS6],
+    "msp": ["pruner=wanda,sparsegpt", "allocation=msp", "allocation.generations=2", "allocation.offspring=4", LEVELS6, UNVERIFIED],
 }
 
 
