@@ -93,6 +93,10 @@ def method_of(r: dict) -> str:
     init = (r.get("search") or {}).get("init")
     if r.get("allocation") == "msp" and init not in (None, "fisher"):  # the search's default start is fisher
         label += f" (init={init})"
+    verify = (r.get("search") or {}).get("verify")
+    mode = verify.get("mode", "rerank") if verify else None  # session 7's check had no mode: it re-ranked
+    if r.get("allocation") == "msp" and mode not in (None, "guard"):  # the final check other than the default guard
+        label += f" (verify={mode})"
     if r.get("pattern", "unstructured") != "unstructured":
         label += f" {r['pattern']}"
     if r.get("true_sequential"):
