@@ -95,7 +95,7 @@ def method_of(r: dict) -> str:
         label += f" (init={init})"
     verify = (r.get("search") or {}).get("verify")
     mode = verify.get("mode", "rerank") if verify else None  # session 7's check had no mode: it re-ranked
-    if r.get("allocation") == "msp" and mode not in (None, "guard"):  # the final check other than the default guard
+    if r.get("allocation") == "msp" and mode not in (None, "rerank_guard"):  # a final check other than the default
         label += f" (verify={mode})"
     if r.get("pattern", "unstructured") != "unstructured":
         label += f" {r['pattern']}"

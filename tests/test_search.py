@@ -555,7 +555,7 @@ def test_verify_delivers_the_finalist_best_on_more_tokens(tmp_path):
 @pytest.mark.parametrize("mode", ["guard", "rerank_guard"])
 @pytest.mark.parametrize("pruner", [WandaPruner(), SparseGPTPruner()], ids=["wanda", "sparsegpt"])
 def test_the_guard_scores_the_pick_and_the_start_as_the_run_delivers_them(tmp_path, pruner, mode):
-    """allocation.verify=guard (the default, final=prune): the search's best (rerank_guard: the re-ranked best) and
+    """allocation.verify=guard (final=prune): the search's best (rerank_guard, the default: the re-ranked best) and
     its start are pruned by the run's pruner on all calibration windows and scored; the better is delivered, and the
     delivered allocation pruned by prune_ as the prune stage does has exactly that fitness; the dense weights are
     back afterwards."""
@@ -624,8 +624,9 @@ def test_verify_on_a_short_held_out_text_uses_what_it_has(tmp_path, caplog):
     assert any("data.heldout_fraction" in r.getMessage() for r in caplog.records)
 
 
-def test_verify_is_on_by_default_with_4096_tokens():
-    assert parse_options({}, 0.7, Pattern.parse("unstructured")).verify_tokens == 4096
+def test_verify_is_on_by_default_with_4096_tokens_reranked_then_guarded():
+    default = parse_options({}, 0.7, Pattern.parse("unstructured"))
+    assert default.verify_tokens == 4096 and default.verify == "rerank_guard"
     assert parse_options({"verify_tokens": None}, 0.7, Pattern.parse("unstructured")).verify_tokens is None
 
 

@@ -217,7 +217,9 @@ def test_a_search_that_does_not_start_from_fisher_is_its_own_method(tmp_path):
     rerank = {"pruner": "wanda", "allocation": "msp", "search": {"init": "fisher", "verify": {"chosen": "start"}}}
     assert build_tables.method_of(rerank) == "wanda + msp (verify=rerank)"  # session 7's check, before modes
     guard = {"pruner": "wanda", "allocation": "msp", "search": {"init": "fisher", "verify": {"mode": "guard"}}}
-    assert build_tables.method_of(guard) == "wanda + msp"
+    assert build_tables.method_of(guard) == "wanda + msp (verify=guard)"
+    default = {"pruner": "wanda", "allocation": "msp", "search": {"init": "fisher", "verify": {"mode": "rerank_guard"}}}
+    assert build_tables.method_of(default) == "wanda + msp"
 
 
 def test_the_search_is_compared_with_the_best_baseline_of_each_row_and_allocation_time_is_a_table(tmp_path):

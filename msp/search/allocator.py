@@ -132,11 +132,11 @@ def verify_finalists(ctx: AllocationContext, search: "Search", source: "Candidat
     """``allocation.verify_tokens``: a last check of the search's pick on the first ``verify_tokens`` held-out tokens
     (more than the last stage's: the best of many noisy few-hundred-token scores is biased low).
 
-    ``allocation.verify``: ``guard`` (default) scores the search's best and its start as the run delivers them (with
-    ``final=prune``: the pruner at their allocations on all calibration windows, the search's variant models can
-    rank them the other way, e.g. SparseGPT at 75%) and delivers the better, so the search never delivers a model
-    worse than its start's on these tokens; ``rerank`` re-scores the last population and the start as the search
-    scored them and delivers the best; ``rerank_guard`` re-ranks, then guards. Returns (the chosen genome, what
+    ``allocation.verify``: ``rerank`` re-scores the last population and the start as the search scored them and
+    picks the best; ``guard`` scores the search's pick and its start as the run delivers them (with ``final=prune``:
+    the pruner at their allocations on all calibration windows; the search's variant models can rank them the other
+    way, e.g. SparseGPT at 75%) and delivers the better, so the search never delivers a model worse than its start's
+    on these tokens; ``rerank_guard`` (the default) re-ranks, then guards. Returns (the chosen genome, what
     ``results.json["search"]["verify"]`` records)."""
     st = search.settings
     asked = math.ceil(st.verify_tokens / st.fitness_seqlen)

@@ -41,9 +41,9 @@ STORE_DTYPES = ("float16", "bfloat16", "float32")
 #: calibration set through the sequential pipeline (later blocks calibrated on pruned inputs); ``candidate``: the
 #: very model the search scored, its layers taken from the variants (EvoPress's stitched model)
 FINALS = ("prune", "candidate")
-#: allocation.verify: guard (the search's best against its start, as delivered) | rerank (the last population and the
-#: start re-scored as the search scored them) | rerank_guard (rerank, then the guard)
-VERIFY_MODES = ("guard", "rerank", "rerank_guard")
+#: allocation.verify: rerank_guard (default: rerank, then the guard) | guard (the search's best against its start, as
+#: delivered) | rerank (the last population and the start re-scored as the search scored them)
+VERIFY_MODES = ("rerank_guard", "guard", "rerank")
 
 #: field → valid values, checked by :func:`validate`
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -100,7 +100,7 @@ class SearchConfig:
     variant_nsamples: Optional[int] = 8  # calibration windows of the variant pass (None: all)
     final: str = "prune"  # prune: re-prune at the winning allocation | candidate: deliver the model the search scored (FINALS)
     verify_tokens: Optional[int] = 4096  # held-out tokens of the final check of the search's pick (allocation.verify); None: off
-    verify: str = "guard"  # VERIFY_MODES: what the verification compares (guard: the search's best and its start, pruned as delivered)
+    verify: str = "rerank_guard"  # VERIFY_MODES: the finalists re-ranked on verify_tokens, then the best against the start, pruned as delivered
     seed: Optional[int] = None  # None: the run's seed
     resume: bool = False
     resume_from: Optional[str] = None  # a run dir or a search_state.json
@@ -161,7 +161,7 @@ class Settings:
     dist_timeout_s: float = 300.0
     final: str = "prune"  # FINALS
     verify_tokens: int | None = None  # the finalists' re-scoring on more held-out tokens (None: off)
-    verify: str = "guard"  # VERIFY_MODES
+    verify: str = "rerank_guard"  # VERIFY_MODES
 
     def checkpoint_source(self, run_dir: Path | None) -> Path | None:
         """Where a resumed search reads its state: ``allocation.resume_from`` (a run dir or a file), else the run dir."""
