@@ -11,6 +11,7 @@
 #   seed 1               the default search with another seed (its spread)
 #   verify 4096          the default search, its last population and start re-scored on 4,096 held-out tokens
 #                        (allocation.verify=rerank; the default since session 8 is the guard: docs/allocations.md)
+#   pverify 70           the same search resumed from verify70's checkpoint with the default check (rerank_guard)
 # One run at a time per core (OMP_NUM_THREADS=1, JOBS=2 runs two), each skip-done by its folder; then the table:
 #   bash experiments/gemma_sparsegpt_ablation.sh   → $OUT/<run>/ and experiments/results/search_ablation_gemma3_sparsegpt70/
 # About 35 min per search run and 8-16 min per baseline on one core of the 2-core CPU (the tokens-4x search: 70 min).
@@ -44,5 +45,6 @@ for spec in "${runs[@]}"; do
   while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n; done
 done
 wait
+one pverify70 allocation=msp allocation.resume=true allocation.resume_from="$OUT/verify70"  # today's default check, same search
 python3 experiments/ablation_table.py "$OUT" --name search_ablation_gemma3_sparsegpt70 \
   --title "Gemma-3-270M, SparseGPT 70%: the search against its start and the best baseline, on wiki and on the calibration text's unseen tail"
