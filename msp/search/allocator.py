@@ -168,7 +168,6 @@ def verify_finalists(ctx: AllocationContext, search: "Search", source: "Candidat
                 prune_(ctx.model, ctx.pruner, genome_allocation(search, finalists[i][1]), ctx.calibration_ids, ctx.device, ctx.pattern,
                        ctx.batch_size, store_device=getattr(ctx.plan, "store", None), true_sequential=ctx.true_sequential)
                 pruned[i] = verifier.of_model(0)
-            source.candidate.restore()
         guard = pruned or {i: scored[i] for i in contenders}
         pick = min(guard, key=lambda i: (guard[i], i))
     source.candidate.restore()
