@@ -30,5 +30,6 @@ python3 experiments/finalist_allocation.py "$OUT/verify75" --finalist "populatio
 one pop0_75 allocation=file allocation.path="$OUT/pop0_75.json" &
 one pverify75 allocation=msp allocation.resume=true allocation.resume_from="$OUT/verify75" &
 wait
+one sinputs75 allocation=msp allocation.store_inputs=start   # the variants calibrated on the start's pruned inputs
 python3 experiments/ablation_table.py "$OUT" --name search_ablation_gemma3_sparsegpt75 \
   --title "Gemma-3-270M, SparseGPT 75%: the search's final check (verify75: re-ranked; pverify75: re-ranked, then guarded, the default) against its own pick (pop0_75), its start allocator and ATP, on wiki and on the calibration text's unseen tail"

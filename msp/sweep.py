@@ -23,7 +23,8 @@ NEUTRAL_DEFAULTS = {"true_sequential": False, "eval.devices": None, "eval.skip":
                     "allocation.store_budget_gb": None, "model.bos_per_window": False,
                     "model.blocks": None, "allocation.fitness_blockwise": True, "allocation.fitness_memory_gb": 2.0,
                     "allocation.final": "prune", "allocation.verify_tokens": None,
-                    "allocation.verify": "rerank"}  # session 7's verification (verify_tokens=N) re-ranked
+                    "allocation.verify": "rerank",  # session 7's verification (verify_tokens=N) re-ranked
+                    "allocation.store_inputs": "dense"}
 #: facts about ``model.name`` carried by the ``model=`` entries (msp.config.ModelConfig), added after runs were
 #: recorded: they follow from the name and do not change a run's numbers
 MODEL_FACTS = ("model.loader", "model.max_seqlen", "model.licence")

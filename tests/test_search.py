@@ -20,7 +20,7 @@ from msp.masks import Pattern, mask_from_scores
 from msp.models import build_tiny_model, prunable_layers
 from msp.pipeline import sequential_pass
 from msp.pruners import MagnitudePruner, SparseGPTPruner, WandaPruner
-from msp.search.allocator import STATE_FILE, check_store_fits_memory, search_units, store_grid
+from msp.search.allocator import STATE_FILE, build_search, check_store_fits_memory, search_units, store_grid
 from msp.search.settings import parse_options
 from msp.search.evolution import (
     Evolution,
@@ -314,6 +314,55 @@ def test_sparsegpt_store_holds_prune_weight_per_level(tmp_path):
     with pytest.raises(SearchError, match="allocation.max_levels=1"):
         precompute_variants(lm.model, layers, pruner, Pattern.parse("unstructured"), calib, torch.device("cpu"),
                             levels=levels, max_levels=1)
+
+
+def test_store_inputs_calibrate_each_block_on_the_blocks_before_it_pruned(tmp_path):
+    """inputs_at (allocation.store_inputs=start|target): every block's variants are those of the ordinary pipeline
+    whose earlier blocks were pruned at those sparsities (here 0.6), not of the dense model's inputs; the first block
+    sees the same inputs either way; the dense weights are back in the model afterwards."""
+    lm = build_tiny_model("tiny-llama")
+    layers = prunable_layers(lm.model)
+    dense = {n: l.weight.detach().clone() for n, l in layers.items()}
+    calib = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    pruner, p = SparseGPTPruner(), Pattern.parse("unstructured")
+    levels = {n: [0.3, 0.6] for n in layers}
+    kw = dict(levels=levels, store_dtype="float32")
+    plain = precompute_variants(lm.model, layers, pruner, p, calib, torch.device("cpu"), **kw)
+    chained = precompute_variants(lm.model, layers, pruner, p, calib, torch.device("cpu"), inputs_at={n: 0.6 for n in layers}, **kw)
+    for n, lin in layers.items():
+        assert torch.equal(lin.weight, dense[n]), n
+    expected = {}
+
+    def on_block(i, prefix, block, linears, stats):
+        for local, lin in linears.items():
+            name = f"{prefix}.{i}.{local}"
+            expected[name] = {s: pruner.prune_weight(lin.weight.data, stats[local], s, p) for s in (0.3, 0.6)}
+        for local, lin in linears.items():
+            lin.weight.data.copy_(expected[f"{prefix}.{i}.{local}"][0.6])
+        return True
+
+    sequential_pass(lm.model, calib, torch.device("cpu"), on_block, need_hessian=True, batch_size=4)
+    first = [n for n in layers if ".0." in n]
+    later = [n for n in layers if n not in first]
+    assert first and later
+    for name in layers:
+        for s in (0.3, 0.6):
+            assert torch.equal(chained.weight(name, s), expected[name][s]), (name, s)
+    assert all(torch.equal(chained.weight(n, 0.6), plain.weight(n, 0.6)) for n in first)
+    assert not all(torch.equal(chained.weight(n, 0.6), plain.weight(n, 0.6)) for n in later)
+    plain.close(), chained.close()
+
+
+@pytest.mark.parametrize("inputs", ["start", "target"])
+def test_a_search_with_store_inputs_runs_on_budget_and_records_them_in_its_fingerprint(tmp_path, inputs):
+    ctx = _ctx(tmp_path, pruner=SparseGPTPruner())
+    outcome = build_allocation(ctx, {**SMALL, "generations": 1, "store_inputs": inputs, "verify_tokens": None})
+    assert outcome.allocation.weighted_mean(ctx.params) == pytest.approx(0.7, abs=1e-12)
+    assert outcome.search["best_fitness"] <= outcome.search["initial_fitness"]
+    search = build_search(ctx, parse_options({**SMALL, "store_inputs": inputs}, 0.7, ctx.pattern, 0))
+    assert search.evolution.fingerprint != build_search(ctx, parse_options(SMALL, 0.7, ctx.pattern, 0)).evolution.fingerprint
+    with pytest.raises(AllocationError, match="allocation.store_inputs='pruned' is unknown; valid: dense, start, target"):
+        parse_options({**SMALL, "store_inputs": "pruned"}, 0.7, ctx.pattern, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -340,6 +340,7 @@ def fingerprint_fields(ctx: AllocationContext, settings: Settings, mode: str) ->
         "extra": st.extra, "init_swaps": st.init_swaps, "fitness": st.metric, "fitness_seqlen": st.fitness_seqlen,
         "stage_tokens": st.tokens, "candidates": mode, "store_dtype": st.store_dtype if mode == "store" else None,
         "variant_nsamples": st.variant_nsamples,
+        **({"store_inputs": st.store_inputs} if st.store_inputs != "dense" else {}),  # dense: as earlier checkpoints
     }
 
 
@@ -454,6 +455,7 @@ def candidate_source(ctx: AllocationContext, search: Search) -> Iterator[Candida
     variants = precompute_variants(
         ctx.model, ctx.layers, ctx.pruner, ctx.pattern, calibration, ctx.device, mode=search.mode, levels=levels,
         store=st.store, store_dir=ctx.run_dir, store_dtype=st.store_dtype, max_levels=st.max_levels, batch_size=ctx.batch_size,
+        inputs_at=variant_inputs_at(search),
     )
     candidate = CandidateModel(ctx.layers, variants, search.units, search.grid.sparsity)
     try:
@@ -464,6 +466,26 @@ def candidate_source(ctx: AllocationContext, search: Search) -> Iterator[Candida
     finally:
         candidate.restore()
         variants.close()
+
+
+def variant_inputs_at(search: Search) -> dict[str, float] | None:
+    """``allocation.store_inputs``: the sparsity of every layer whose pruned outputs feed the variant pass's next block
+    (None: ``dense``). ``start``: the search's start allocation (the init allocator on the dense model, snapped to the
+    grid: the start population reuses it); with ``init=best`` the start is chosen by the fitness, which needs the
+    variants, so the target level stands in for it."""
+    st = search.settings
+    if st.store_inputs == "dense":
+        return None
+    if st.store_inputs == "start" and st.init != "best":
+        genome, what = search.start._genome(st.init, st.init_options), f"the {st.init} start"
+    else:
+        genome, what = search.start._genome("uniform", {}), "the target level"
+        if st.store_inputs == "start":
+            log.info("search: allocation.store_inputs=start with init=best: the variant pass's inputs go through the blocks "
+                     "at the target level (the start is chosen with the variants)")
+    log.info("search: the variant pass calibrates every block on the outputs of the blocks before it at %s", what)
+    sparsities = search.grid.sparsities(genome)
+    return {name: float(sparsities[u]) for u, names in enumerate(search.units) for name in names}
 
 
 def _model_fitness(ctx: AllocationContext, search: Search, candidate: CandidateModel) -> ModelFitness:

@@ -344,11 +344,15 @@ def precompute_variants(
     store_dtype: str = "float16",
     max_levels: int = 8,
     batch_size: int = 4,
+    inputs_at: dict[str, float] | None = None,
 ) -> LayerVariants:
-    """One dense calibration pass that records, for every prunable layer, what any level needs.
+    """One calibration pass that records, for every prunable layer, what any level needs.
 
     ``levels[name]``: the sparsities the layer can take (only used, and required, by ``store`` mode).
-    The model's weights are not changed (the callback returns False, so the dense outputs propagate).
+    ``inputs_at``: None (default): the dense outputs of every block feed the next (the callback returns False);
+    else each block, once recorded, is set to its variants at these sparsities (``allocation.store_inputs=start``)
+    and its outputs recomputed, so the next block is calibrated on the inputs of that pruned model. The dense
+    weights are back in the model on return either way.
     """
     mode = resolve_mode(mode, pruner)
     _check_store(mode, store, store_dtype, levels, max_levels)
@@ -360,10 +364,15 @@ def precompute_variants(
     sdtype = _STORE_DTYPES[store_dtype]
 
     def on_block(index, prefix, block, linears, stats):
-        for local, lin in linears.items():
-            name = names_by_id.get(id(lin), f"{prefix}.{index}.{local}")
+        named = [(names_by_id.get(id(lin), f"{prefix}.{index}.{local}"), lin) for local, lin in linears.items()]
+        for (name, lin), local in zip(named, linears):
             _record_layer(variants, name, lin.weight.data, stats.get(local), pruner, pattern, levels, sdtype)
-        return False  # weights untouched: the dense outputs feed the next block
+        if inputs_at is None:
+            return False  # weights untouched: the dense outputs feed the next block
+        for name, lin in named:
+            if name in inputs_at:
+                lin.weight.data.copy_(variants.weight(name, inputs_at[name]).to(lin.weight.device, lin.weight.dtype))
+        return True  # the pruned block's outputs feed the next
 
     try:
         sequential_pass(
@@ -378,14 +387,24 @@ def precompute_variants(
             desc=f"search variants ({pruner.name}, {mode})",
         )
     except BaseException:
+        _put_dense(layers, variants)
         variants.close()
         raise
+    _put_dense(layers, variants)
     missing = [n for n in layers if n not in variants.dense]
     if missing:
         variants.close()
         raise SearchError(f"the variant pass did not visit {len(missing)} layer(s), e.g. {missing[0]}")
     log.info("search variants (%s, %s): %d layers, %.1f MiB held", pruner.name, mode, len(variants.dense), variants.nbytes() / 2**20)
     return variants
+
+
+@torch.no_grad()
+def _put_dense(layers: dict[str, nn.Linear], variants: LayerVariants) -> None:
+    """The dense weights recorded by the variant pass back into the model (``inputs_at`` set some blocks' variants)."""
+    for name, lin in layers.items():
+        if name in variants.dense:
+            lin.weight.data.copy_(variants.dense[name].to(lin.weight.device, lin.weight.dtype))
 
 
 def _check_store(mode: str, store: str, store_dtype: str, levels: dict[str, Sequence[float]] | None, max_levels: int) -> None:

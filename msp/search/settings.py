@@ -44,11 +44,17 @@ FINALS = ("prune", "candidate")
 #: allocation.verify: rerank_guard (default: rerank, then the guard) | guard (the search's best against its start, as
 #: delivered) | rerank (the last population and the start re-scored as the search scored them)
 VERIFY_MODES = ("rerank_guard", "guard", "rerank")
+#: allocation.store_inputs: what feeds each block during the variant pass. ``dense``: the dense model's outputs (every
+#: block calibrated as if the blocks before it were dense); ``start``: the outputs of the blocks before it pruned at
+#: the search's start allocation (the init allocator's, snapped; init=best: the target), so the variants of later
+#: blocks are calibrated on inputs like those of the model the run delivers (final=prune is sequential);
+#: ``target``: every block before it at the level nearest the target
+STORE_INPUTS = ("dense", "start", "target")
 
 #: field → valid values, checked by :func:`validate`
 CHOICES: dict[str, tuple[str, ...]] = {
     "granularity": GRANULARITIES, "init": INITS, "fitness": METRICS, "candidates": MODES, "store": STORES,
-    "store_dtype": STORE_DTYPES, "final": FINALS, "verify": VERIFY_MODES,
+    "store_dtype": STORE_DTYPES, "final": FINALS, "verify": VERIFY_MODES, "store_inputs": STORE_INPUTS,
 }
 #: integer field → its smallest valid value (the search's own budget fields are checked by EvolutionConfig)
 MINIMUM = {"fitness_seqlen": 2, "fitness_batch_size": 1, "max_levels": 2, "init_swaps": 1, "variant_nsamples": 1}
@@ -98,6 +104,7 @@ class SearchConfig:
     max_levels: int = 17  # the ranking pruners' step 0.025 over ±0.2 (6 levels, steps of 0.08, lost SparseGPT 75%)
     store_budget_gb: Optional[float] = None  # store mode: None = max_levels; else the largest max_levels <= 17 whose store fits
     variant_nsamples: Optional[int] = 8  # calibration windows of the variant pass (None: all)
+    store_inputs: str = "dense"  # STORE_INPUTS: the variant pass's inputs, dense or through the blocks pruned at the start
     final: str = "prune"  # prune: re-prune at the winning allocation | candidate: deliver the model the search scored (FINALS)
     verify_tokens: Optional[int] = 4096  # held-out tokens of the final check of the search's pick (allocation.verify); None: off
     verify: str = "rerank_guard"  # VERIFY_MODES: the finalists re-ranked on verify_tokens, then the best against the start, pruned as delivered
@@ -162,6 +169,7 @@ class Settings:
     final: str = "prune"  # FINALS
     verify_tokens: int | None = None  # the finalists' re-scoring on more held-out tokens (None: off)
     verify: str = "rerank_guard"  # VERIFY_MODES
+    store_inputs: str = "dense"  # STORE_INPUTS
 
     def checkpoint_source(self, run_dir: Path | None) -> Path | None:
         """Where a resumed search reads its state: ``allocation.resume_from`` (a run dir or a file), else the run dir."""
@@ -219,6 +227,7 @@ def validate(config: SearchConfig, target: float, pattern: Pattern, seed: int = 
         max_levels=c.max_levels, store_budget_gb=c.store_budget_gb, init_swaps=c.init_swaps, candidates=c.candidates,
         store=c.store, store_dtype=c.store_dtype, variant_nsamples=c.variant_nsamples, config=evolution, resume=c.resume,
         resume_from=c.resume_from, dist_timeout_s=c.dist_timeout_s, final=c.final, verify_tokens=verify_tokens, verify=c.verify,
+        store_inputs=c.store_inputs,
     )
 
 
