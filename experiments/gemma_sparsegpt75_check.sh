@@ -32,4 +32,4 @@ one pverify75 allocation=msp allocation.resume=true allocation.resume_from="$OUT
 wait
 one sinputs75 allocation=msp allocation.store_inputs=start   # the variants calibrated on the start's pruned inputs
 python3 experiments/ablation_table.py "$OUT" --name search_ablation_gemma3_sparsegpt75 \
-  --title "Gemma-3-270M, SparseGPT 75%: the search's final check (verify75: re-ranked; pverify75: re-ranked, then guarded, the default) against its own pick (pop0_75), its start allocator and ATP, on wiki and on the calibration text's unseen tail"
+  --title "Gemma-3-270M, SparseGPT 75%: the search's final check (verify75: re-ranked; pverify75: re-ranked, then guarded, the default; sinputs75: the default with allocation.store_inputs=start) against its own pick (pop0_75), its start allocator and ATP, on wiki and on the calibration text's unseen tail"
