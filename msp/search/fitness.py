@@ -387,10 +387,10 @@ def precompute_variants(
             desc=f"search variants ({pruner.name}, {mode})",
         )
     except BaseException:
-        _put_dense(layers, variants)
+        put_dense(layers, variants)
         variants.close()
         raise
-    _put_dense(layers, variants)
+    put_dense(layers, variants)
     missing = [n for n in layers if n not in variants.dense]
     if missing:
         variants.close()
@@ -400,8 +400,8 @@ def precompute_variants(
 
 
 @torch.no_grad()
-def _put_dense(layers: dict[str, nn.Linear], variants: LayerVariants) -> None:
-    """The dense weights recorded by the variant pass back into the model (``inputs_at`` set some blocks' variants)."""
+def put_dense(layers: dict[str, nn.Linear], variants: LayerVariants) -> None:
+    """The dense weights recorded by the variant pass back into the model (after ``inputs_at`` or a candidate)."""
     for name, lin in layers.items():
         if name in variants.dense:
             lin.weight.data.copy_(variants.dense[name].to(lin.weight.device, lin.weight.dtype))
@@ -506,11 +506,9 @@ class CandidateModel:
                 self.swaps += 1
             self.current[u] = level
 
-    @torch.no_grad()
     def restore(self) -> None:
         """Put every layer's dense weight back."""
-        for name, lin in self.layers.items():
-            lin.weight.data.copy_(self.variants.dense[name].to(lin.weight.device))
+        put_dense(self.layers, self.variants)
         self.current = None
 
 
