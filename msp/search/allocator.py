@@ -371,12 +371,12 @@ class StartPopulation:
     def __call__(self) -> list[np.ndarray]:
         w0, p0 = time.perf_counter(), time.process_time()
         st = self.settings
-        first = self._best() if st.init == "best" else self._genome(st.init, st.init_options)
+        first = self._best() if st.init == "best" else self.genome(st.init, st.init_options)
         self.named[self.chosen] = first
         genomes = [first]
         for e in st.extra:
             if e == "uniform" or e != self.chosen:  # uniform always (as before); owl unless the search starts from it
-                self.named[e] = self._genome(e, {})
+                self.named[e] = self.genome(e, {})
                 genomes.append(self.named[e])
         rng = np.random.default_rng(st.config.seed + 1)
         for _ in range(st.config.population - len(genomes)):
@@ -393,13 +393,13 @@ class StartPopulation:
         if self.score is None:
             raise AllocationError("allocation.init=best needs the search's fitness before the start population is built")
         for method in BEST_INITS:
-            self.scores[method] = float(self.score(self._genome(method, {})))
+            self.scores[method] = float(self.score(self.genome(method, {})))
             log.info("search: init=best: %s scores %.6g", method, self.scores[method])
         self.chosen = min(self.scores, key=lambda m: (self.scores[m], BEST_INITS.index(m)))
         log.info("search: init=best starts from %s (%.6g)", self.chosen, self.scores[self.chosen])
         return self._snapped[self.chosen]
 
-    def _genome(self, method: str, extra_options: dict) -> np.ndarray:
+    def genome(self, method: str, extra_options: dict) -> np.ndarray:
         """The genome of allocator ``method`` (uniform: the target everywhere), computed once."""
         if method not in self._snapped:
             if method == "uniform":
@@ -477,9 +477,9 @@ def variant_inputs_at(search: Search) -> dict[str, float] | None:
     if st.store_inputs == "dense":
         return None
     if st.store_inputs == "start" and st.init != "best":
-        genome, what = search.start._genome(st.init, st.init_options), f"the {st.init} start"
+        genome, what = search.start.genome(st.init, st.init_options), f"the {st.init} start"
     else:
-        genome, what = search.start._genome("uniform", {}), "the target level"
+        genome, what = search.start.genome("uniform", {}), "the target level"
         if st.store_inputs == "start":
             log.info("search: allocation.store_inputs=start with init=best: the variant pass's inputs go through the blocks "
                      "at the target level (the start is chosen with the variants)")

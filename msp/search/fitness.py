@@ -364,12 +364,12 @@ def precompute_variants(
     sdtype = _STORE_DTYPES[store_dtype]
 
     def on_block(index, prefix, block, linears, stats):
-        named = [(names_by_id.get(id(lin), f"{prefix}.{index}.{local}"), lin) for local, lin in linears.items()]
-        for (name, lin), local in zip(named, linears):
+        named = {names_by_id.get(id(lin), f"{prefix}.{index}.{local}"): (local, lin) for local, lin in linears.items()}
+        for name, (local, lin) in named.items():
             _record_layer(variants, name, lin.weight.data, stats.get(local), pruner, pattern, levels, sdtype)
         if inputs_at is None:
             return False  # weights untouched: the dense outputs feed the next block
-        for name, lin in named:
+        for name, (_, lin) in named.items():
             if name in inputs_at:
                 lin.weight.data.copy_(variants.weight(name, inputs_at[name]).to(lin.weight.device, lin.weight.dtype))
         return True  # the pruned block's outputs feed the next
