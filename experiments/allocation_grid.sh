@@ -10,7 +10,10 @@
 #   SPARSITIES=0.7,0.75 bash experiments/allocation_grid.sh   # some rows first
 # Outputs: $OUT/<model>/<part>/<pruner>/<overrides>/ (default OUT=outputs/multirun/allocation_grid; one folder per
 #   job named by its overrides, so calls with other SPARSITIES add to a sweep folder); tables and plots:
-#   experiments/results/allocation_grid_<model>/ (python3 experiments/build_tables.py $OUT/<model> --name ...)
+#   experiments/results/allocation_grid_<model>/ (python3 experiments/build_tables.py $OUT/<model> --name ...).
+#   Every finished run's results.json is also kept (and committed) under
+#   experiments/results/allocation_grid_<model>_runs/<config hash>/, which the next call reads as done_dirs and the
+#   tables read back: a grid that takes several sessions continues from the committed runs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MODEL=${MODEL:-smollm2-135m}
@@ -19,8 +22,10 @@ PRUNERS=${PRUNERS:-"wanda sparsegpt"}
 PARTS=${PARTS:-"baselines rank msp best nm seeds"}
 # SPARSITIES=0.7,0.75 runs those rows first (the baselines, rank, msp and best parts); default: all five
 SP=${SPARSITIES:+sparsity=$SPARSITIES}
+KEPT=$PWD/experiments/results/allocation_grid_${MODEL}_runs   # finished runs, committed: the next call skips them
+mkdir -p "$KEPT"
 # DONE_DIRS=<folder>: reuse finished identical runs from there too (an ablation's run that the defaults now equal)
-run() { msp --multirun experiment=allocation_grid model=$MODEL "$@" ${DONE_DIRS:+done_dirs=[$DONE_DIRS]}; }
+run() { msp --multirun experiment=allocation_grid model=$MODEL "$@" "done_dirs=[$KEPT${DONE_DIRS:+,$DONE_DIRS}]"; }
 # the Hutchinson Hessian (rank): 8 windows x 2 probes, computed once and cached for every rank job
 rank="allocation.nsamples=8 allocation.probes=2"
 for part in $PARTS; do
@@ -41,4 +46,4 @@ for part in $PARTS; do
     esac
   done
 done
-python3 experiments/build_tables.py "$OUT" --name "allocation_grid_$MODEL"
+python3 experiments/build_tables.py "$OUT" "$KEPT" --name "allocation_grid_$MODEL" --archive "$KEPT"

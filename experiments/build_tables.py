@@ -518,6 +518,26 @@ def plot_all(runs: list[dict], out: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- main
+def archive_runs(runs: list[dict], folder: Path, keep=lambda r: True) -> int:
+    """Copy the results.json of every run that ``keep`` accepts to ``folder/<config hash>/results.json`` (atomically,
+    byte for byte; one already there is kept), so that finished runs outlive their sweep folder: a sweep with
+    ``done_dirs=[folder] skip_done=true`` skips them and the tables read them back. Returns how many were new."""
+    from msp.io import write_text_atomic
+
+    new = 0
+    for r in runs:
+        digest = r.get("config_hash")
+        if not digest or not keep(r):
+            continue
+        dest = folder / slug(digest) / "results.json"
+        if dest.exists():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(dest, Path(r["_path"]).read_text())
+        new += 1
+    return new
+
+
 def write_atomically(files: dict[str, str], runs: list[dict], dest: Path, plots: bool = True, plotter=None) -> list[str]:
     """Build everything in a temp folder next to ``dest``, then swap it in with renames; ``plotter(runs, folder)``
     (default :func:`plot_all`) draws the PNGs and returns their names."""
@@ -549,12 +569,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", required=True, help="output folder name under --out")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"parent folder (default {DEFAULT_OUT.relative_to(REPO)})")
     p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--archive", type=Path, default=None,
+                   help="also keep every run's results.json under ARCHIVE/<config hash>/ (commit it; a later sweep with "
+                        "done_dirs=[ARCHIVE] and skip_done=true skips those runs, and the tables read them back)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs = load_runs(args.paths)
     if not runs:
         print(f"build_tables: no results.json under {', '.join(map(str, args.paths))}; finished runs write one", file=sys.stderr)
         return 1
+    if args.archive is not None:
+        print(f"build_tables: {archive_runs(runs, args.archive)} new run(s) kept under {args.archive}/")
     dest = args.out / args.name
     files = build(runs, args.name)
     plots = write_atomically(files, runs, dest, plots=not args.no_plots)

@@ -28,8 +28,6 @@ from statistics import mean
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_tables as bt  # noqa: E402  (a sibling script, not a package)
 
-from msp.io import write_text_atomic  # noqa: E402
-
 log = logging.getLogger("zeroshot_table")
 
 
@@ -168,24 +166,6 @@ def plot(model: str, runs: list[dict], out: Path) -> str | None:
     return fname
 
 
-def archive(runs: list[dict], folder: Path) -> int:
-    """Copy the results.json of every run with zero-shot results to ``folder/<config hash>/results.json`` (atomically,
-    byte for byte; one already there is kept), so that finished runs outlive the sweep folder: a sweep with
-    ``done_dirs=[folder] skip_done=true`` skips them and this table reads them back. Returns how many were new."""
-    new = 0
-    for r in runs:
-        digest = r.get("config_hash")
-        if not r.get("zeroshot") or not digest:
-            continue
-        dest = folder / bt.slug(digest) / "results.json"
-        if dest.exists():
-            continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(dest, Path(r["_path"]).read_text())
-        new += 1
-    return new
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Mean zero-shot accuracy ± standard error next to perplexity, from finished msp runs.")
     p.add_argument("paths", nargs="+", type=Path, help="sweep folders or results.json files")
@@ -202,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zeroshot_table: no run of {args.model} with zero-shot results under {', '.join(map(str, args.paths))}", file=sys.stderr)
         return 1
     if args.archive is not None:
-        kept = archive(runs, args.archive)
+        kept = bt.archive_runs(runs, args.archive, keep=lambda r: bool(r.get("zeroshot")))
         print(f"zeroshot_table: {kept} new run(s) kept under {args.archive}/")
     dest = args.out / (args.name or f"zeroshot_{bt.slug(args.model)}")
     command = "python experiments/zeroshot_table.py " + " ".join(bt.shown_path(str(x)) for x in args.paths) + f" --model {args.model}"

@@ -307,3 +307,31 @@ def test_a_finalist_of_a_verified_search_becomes_an_allocation_file(tmp_path):
     (run / "results.json").write_text(json.dumps({"target_sparsity": 0.7, "search": {"units": units, "verify": None}}))
     with pytest.raises(SystemExit, match="has no verification"):
         finalist_allocation(run)
+
+
+def test_archive_keeps_every_run_and_the_tables_read_it_back(tmp_path):
+    """--archive copies each run's results.json to ARCHIVE/<config hash>/ (a later grid call's done_dirs) and keeps
+    one already there; the tables built from the archive alone, once the sweep folder is gone, are the same."""
+    from msp.sweep import find_finished_run
+
+    run(tmp_path / "sweep" / "0", pruner="wanda", allocation="uniform", sparsity=0.7, ppl=40.0, h="a")
+    run(tmp_path / "sweep" / "1", pruner="wanda", allocation="owl", sparsity=0.7, ppl=30.0, h="b")
+    kept = tmp_path / "kept"
+    run(kept / "b", pruner="wanda", allocation="owl", sparsity=0.7, ppl=31.0, h="b")
+
+    def build(*paths):
+        proc = subprocess.run([sys.executable, str(BUILD), *map(str, paths), "--name", "t", "--out", str(tmp_path / "out"),
+                               "--no-plots", "--archive", str(kept)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout, (tmp_path / "out" / "t" / "ppl_wiki.csv").read_text()
+
+    out, _ = build(tmp_path / "sweep")
+    assert "1 new run(s) kept" in out
+    assert (kept / "a" / "results.json").read_text() == (tmp_path / "sweep" / "0" / "results.json").read_text()
+    assert '"wiki": 31.0' in (kept / "b" / "results.json").read_text()  # the one already kept is not overwritten
+    assert find_finished_run("a", [kept]) == kept / "a" / "results.json"  # what skip_done with done_dirs=[kept] finds
+    import shutil
+
+    shutil.rmtree(tmp_path / "sweep")
+    out, table = build(kept)
+    assert "0 new run(s) kept" in out and "wanda,40.0\n" in table and "wanda + owl,31.0\n" in table
