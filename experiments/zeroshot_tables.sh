@@ -23,7 +23,9 @@
 # batch 4), so one evaluation of SmolLM2-135M is ≈ 18 min of one core; 13 evaluations (dense once, cached, + 12
 # pruned) ≈ 4 h, plus pruning and perplexity of the 12 runs (≈ 1 h, msp's search dominating):
 # ≈ 5 h on one free core, ≈ 3-4 h with both cores of an otherwise idle 2-core machine (OMP_NUM_THREADS=2). On a shared
-# machine it is proportionally longer. Gemma-3-270M (MSP_GEMMA=1) costs roughly 2-3x that again.
+# machine it is proportionally longer. Gemma-3-270M (MSP_GEMMA=1), measured in session 10: one zero-shot evaluation
+# takes about as long as SmolLM2's (1,237-1,387 s of one core beside one other run; the 262k-vocabulary lm_head runs
+# only on the scored positions), its msp searches 18-26 min; the 7 cells of its 70% half took 4.11 h of runs.
 # The script prints its measured total at the end; each run's timings are in its results.json.
 # Smoke-tested end to end (the command above, SmolLM2-135M, one Wanda run at 4 examples per task): 9 min wall on the
 # shared machine (load ~12), dense and pruned zero-shot ≈ 2 min each for 88 requests.
