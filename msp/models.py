@@ -248,7 +248,7 @@ def _check_safetensors_length(path: Path) -> None:
         raise ModelError(f"{path} is truncated or corrupt: {size} bytes, its header describes {8 + n + end}; {fix}")
 
 
-def _embedded_gguf(name: str) -> tuple[Path, str, str, str]:
+def embedded_gguf(name: str) -> tuple[Path, str, str, str]:
     """(folder, GGUF file name, what it is, the reinstall command) of an embedded model (SmolLM2 for any name but
     Gemma's, as before), checked to be installed."""
     if name == EMBEDDED_GEMMA3:
@@ -266,7 +266,7 @@ def _load_embedded_gguf(name: str, dtype: torch.dtype) -> LoadedModel:
 
     pristine = _PRISTINE.get((name, dtype))
     if pristine is None:
-        folder, gguf, what, fix = _embedded_gguf(name)
+        folder, gguf, what, fix = embedded_gguf(name)
         log.info("loading embedded %s from %s/%s (dequantising GGUF)", what, folder, gguf)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)

@@ -48,6 +48,7 @@ def test_provenance_fields_and_types(two_runs):
     assert set(p["versions"]) == {"python", "torch", "transformers", "lm_eval", "datasets"}
     assert p["versions"]["torch"] == torch.__version__ and p["versions"]["python"].count(".") == 2
     assert isinstance(p["device_name"], str) and p["device_name"] and p["device_name"] != "cpu"
+    assert p["cpu_threads"] == torch.get_num_threads()  # the run sets the summation order of CPU matmuls with it
     assert p["seeds"]["seed"] == 0 and p["config_hash"] == res["config_hash"]
     for digest in [p["model_sha256"]["sha256"], p["data_sha256"]["calibration"], p["data_sha256"]["heldout"],
                    *p["data_sha256"]["evaluation"].values()]:
@@ -98,3 +99,15 @@ def test_git_revision_outside_a_checkout_is_none(tmp_path):
 def test_seeds_name_the_allocation_and_search_seeds():
     assert provenance.seeds_of(3, {"method": "msp", "seed": None, "search": {"seed": 7}}) == {
         "seed": 3, "allocation.seed": None, "allocation.search.seed": 7}
+
+
+def test_each_embedded_model_names_its_own_weight_file(monkeypatch, tmp_path):
+    """The embedded GGUF models are hashed by their own file: Gemma-3's assembled GGUF, not SmolLM2's."""
+    import msp.embedded_gemma as eg
+    import msp.models as models
+
+    monkeypatch.setattr(eg, "embedded_gemma_path", lambda cache_dir=None: (tmp_path, "gemma.gguf"))
+    monkeypatch.setattr(models, "embedded_smollm2_path", lambda: (tmp_path / "s", "smollm2.gguf"))
+    assert provenance.weight_files("gemma3-270m", "auto") == [tmp_path / "gemma.gguf"]
+    assert provenance.weight_files("smollm2-135m", "auto") == [tmp_path / "s" / "smollm2.gguf"]
+    assert provenance.weight_files("tiny-llama", "auto") == []
