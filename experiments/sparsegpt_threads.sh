@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Does a CPU run's thread count change SparseGPT's result? Gemma-3-270M, uniform 70%, the allocation grid's settings,
 # once with 1 and once with 2 torch threads (the summation order of every CPU matmul, XᵀX and the Cholesky factor
-# included). Two runs side by side, ~8 min on 2 cores. Writes experiments/results/sparsegpt_threads/README.md.
+# included). Two runs side by side, ~8 min on 2 cores. Writes experiments/results/sparsegpt_threads/<model>_<pruner>_<sparsity>.md
+# (the folder's README.md, the reading of the results, is written by hand).
 #   bash experiments/sparsegpt_threads.sh              (MODEL=smollm2-135m PRUNER=wanda ... for another row)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,7 +27,7 @@ for t in (1, 2):
 text = (f"# {pruner}, uniform {float(sparsity):.0%}, {model}: wiki perplexity against torch's CPU thread count\n\n"
         f"Built by `experiments/sparsegpt_threads.sh` (the allocation grid's settings; only the thread count differs).\n\n"
         "| threads | ppl wiki | measured sparsity |\n|---:|---:|---:|\n" + "\n".join(rows) + "\n")
-dest = Path("experiments/results/sparsegpt_threads/README.md")
+dest = Path(f"experiments/results/sparsegpt_threads/{model}_{pruner}_{sparsity}.md")
 dest.parent.mkdir(parents=True, exist_ok=True)
 write_text_atomic(dest, text)
 print(text)
